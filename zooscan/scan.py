@@ -1,0 +1,230 @@
+"""The scan engine: list → fetch (concurrent) → analyse → commit, resumable.
+
+Sources fetch first layers in worker threads; everything that touches the store
+(h5py runs one call at a time) happens on the calling thread, the single writer.
+A model that fails is recorded in the store with its reason and the scan goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from zooscan.energy import analyse, to_pixel_space
+from zooscan.errors import DatasetError, ModelError, UserError
+from zooscan.patches import compute_basis
+from zooscan.records import (
+    FirstLayer,
+    ModelRecord,
+    ModelRef,
+    PatchBasis,
+    PatchDataset,
+    Source,
+    basis_id,
+)
+from zooscan.store import Store
+
+
+@dataclass
+class ScanSummary:
+    """What a scan did, for the closing report and ``--format json``."""
+
+    listed: int = 0
+    stored: int = 0
+    skipped_stored: int = 0
+    skipped_failed: int = 0
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(name, error class, message)`` of each model that failed in this run."""
+    unanalysed: list[tuple[str, str]] = field(default_factory=list)
+    """``(name, reason)``: stored, but no basis could be computed for its shape."""
+    bases_computed: list[str] = field(default_factory=list)
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def failures_by_reason(self) -> dict[str, int]:
+        """Failure counts by error class."""
+        return dict(Counter(error for _, error, _ in self.failed))
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "listed": self.listed,
+            "stored": self.stored,
+            "skipped_stored": self.skipped_stored,
+            "skipped_failed": self.skipped_failed,
+            "failed": [{"name": n, "error": e, "message": m} for n, e, m in self.failed],
+            "failures_by_reason": self.failures_by_reason,
+            "unanalysed": [{"name": n, "reason": r} for n, r in self.unanalysed],
+            "bases_computed": self.bases_computed,
+            "bytes_fetched": self.bytes_fetched,
+            "seconds": round(self.seconds, 3),
+            "interrupted": self.interrupted,
+        }
+
+
+@dataclass
+class ScanPlan:
+    """What a scan would do (``--dry-run``)."""
+
+    listed: list[ModelRef]
+    todo: list[ModelRef]
+    stored: list[ModelRef]
+    failed_before: list[ModelRef]
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class BasisCache:
+    """Patch bases by shape, from the store or computed once and stored."""
+
+    def __init__(self, store: Store, dataset: PatchDataset, centered: bool = True,
+                 on_compute: Callable[[str], None] | None = None,
+                 progress: Callable[[tuple[int, int, int]], Callable[[int], None] | None] | None = None):
+        self.store = store
+        self.dataset = dataset
+        self.centered = centered
+        self.on_compute = on_compute
+        self.progress = progress
+        self._bases: dict[tuple[int, int, int], PatchBasis] = {}
+        self._unavailable: dict[tuple[int, int, int], str] = {}
+
+    def get(self, shape_key: tuple[int, int, int]) -> PatchBasis:
+        """The basis for ``(C, kh, kw)``; raises :class:`DatasetError` if it cannot exist."""
+        if shape_key in self._unavailable:
+            raise DatasetError(self._unavailable[shape_key])
+        if shape_key not in self._bases:
+            wanted = basis_id(self.dataset.key, shape_key, self.centered)
+            basis = self.store.get_basis(wanted)
+            if basis is None:
+                c, kh, kw = shape_key
+                report = self.progress(shape_key) if self.progress else None
+                try:
+                    basis = compute_basis(self.dataset, c, kh, kw, centered=self.centered,
+                                          progress=report)
+                except DatasetError as exc:
+                    self._unavailable[shape_key] = str(exc)
+                    raise
+                self.store.put_basis(basis)
+                if self.on_compute:
+                    self.on_compute(basis.id)
+            self._bases[shape_key] = basis
+        return self._bases[shape_key]
+
+
+def analyse_layer(layer: FirstLayer, bases: BasisCache):
+    """Project ``layer`` (in RGB pixel space) on the basis of its shape."""
+    weight = to_pixel_space(layer)
+    _, c, kh, kw = weight.shape
+    basis = bases.get((c, kh, kw))
+    return analyse(weight, basis)
+
+
+def plan_scan(store: Store | None, source: Source, patterns: Sequence[str], *,
+              limit: int | None = None, retry_failed: bool = False) -> ScanPlan:
+    """List the source's models and split them into to-do, already stored, failed before."""
+    listed = list(_limited(source.list_models(patterns), limit))
+    if not listed:
+        what = " ".join(patterns) if patterns else "(all)"
+        raise UserError(f"source {source.name!r} has no model matching {what}")
+    stored_names = set(n for _, n in store.models(source.name)) if store else set()
+    failed_names = {f["name"] for f in store.failures(source.name)} if store else set()
+    todo, stored, failed_before = [], [], []
+    for ref in listed:
+        if ref.name in stored_names:
+            stored.append(ref)
+        elif ref.name in failed_names and not retry_failed:
+            failed_before.append(ref)
+        else:
+            todo.append(ref)
+    return ScanPlan(listed, todo, stored, failed_before)
+
+
+def _limited(refs: Iterable[ModelRef], limit: int | None) -> Iterable[ModelRef]:
+    for i, ref in enumerate(refs):
+        if limit is not None and i >= limit:
+            return
+        yield ref
+
+
+def run_scan(store: Store, source: Source, plan: ScanPlan, dataset: PatchDataset, *,
+             workers: int = 1, centered: bool = True,
+             on_model: Callable[[ModelRef, str], None] | None = None,
+             basis_progress=None) -> ScanSummary:
+    """Fetch, analyse and commit every model in ``plan.todo``.
+
+    ``on_model(ref, outcome)`` is called once per model with ``"stored"`` or
+    ``"failed"``. Ctrl-C stops cleanly: what was committed stays, the summary says
+    ``interrupted``.
+    """
+    summary = ScanSummary(listed=len(plan.listed), skipped_stored=len(plan.stored),
+                          skipped_failed=len(plan.failed_before))
+    started = time.monotonic()
+    bases = BasisCache(store, dataset, centered, on_compute=summary.bases_computed.append,
+                       progress=basis_progress)
+    pending = list(reversed(plan.todo))
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zooscan-fetch")
+    running: dict[Future, ModelRef] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers) * 2:
+                ref = pending.pop()
+                running[pool.submit(source.load_first_layer, ref)] = ref
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                ref = running.pop(future)
+                outcome = _commit_one(store, source.name, ref, future, bases, summary)
+                if on_model:
+                    on_model(ref, outcome)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for future in running:
+            future.cancel()
+    finally:
+        pool.shutdown(wait=not summary.interrupted, cancel_futures=True)
+        store.flush()
+        summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _commit_one(store: Store, source_name: str, ref: ModelRef, future: Future,
+                bases: BasisCache, summary: ScanSummary) -> str:
+    try:
+        layer = future.result()
+        _check_layer(layer)
+        analyses = []
+        try:
+            analyses.append(analyse_layer(layer, bases))
+        except DatasetError as exc:
+            summary.unanalysed.append((ref.name, str(exc)))
+        record = ModelRecord(source_name, ref.name, layer, analyses, scanned_at=utc_now())
+    except Exception as exc:  # one failing model never stops the scan
+        error = type(exc).__name__
+        message = str(exc) or repr(exc)
+        if not isinstance(exc, ModelError):
+            message = f"unexpected {error}: {message}"
+        store.record_failure(source_name, ref.name, error, message)
+        summary.failed.append((ref.name, error, message))
+        return "failed"
+    store.commit_model(record)
+    summary.stored += 1
+    summary.bytes_fetched += int(layer.provenance.bytes_fetched or 0)
+    return "stored"
+
+
+def _check_layer(layer: FirstLayer) -> None:
+    import numpy as np
+
+    weight = np.asarray(layer.weight)
+    if weight.ndim != 4:
+        raise ModelError(f"first-layer weight must be 4-D (out, C, kh, kw), got shape {weight.shape}")
+    if not np.isfinite(weight).all():
+        raise ModelError("first-layer weight contains NaN or Inf")
