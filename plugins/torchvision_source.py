@@ -1,1 +1,479 @@
-"""placeholder until written"""
+"""The ``torchvision`` source: every torchvision model builder that ships weights.
+
+The architecture is built on the ``meta`` device (no weights, no memory) and the
+first layer found by :func:`zooscan.layers.find_first_layer`; only that layer's
+tensors are then read from torchvision's own checkpoint cache
+(``torch.hub.get_dir()/checkpoints/<file>``, which honours ``TORCH_HOME``) with
+``mmap`` and ``weights_only=True``. A checkpoint missing from the cache is downloaded
+there with :func:`torch.hub.download_url_to_file` (checked against the hash prefix in
+its name, as torchvision does).
+
+Options (``--weights``, ``-o seed=N``):
+
+- ``weights``: ``default`` (each builder's ``DEFAULT`` weights), ``none`` (random
+  initialisation, the paper's control: the model is built for real on CPU with
+  ``torch.manual_seed(seed)`` so the library's own init applies, and only the first
+  layer is kept), or a weights name such as ``IMAGENET1K_V1`` (only builders that
+  have it are listed).
+- ``seed``: the seed for ``weights=none`` (default 0).
+
+Model names identify the tensor: ``resnet50`` is the builder with its DEFAULT weights,
+``resnet50@IMAGENET1K_V1`` other weights, ``resnet50@random-seed0`` a random init.
+A name with an ``@`` suffix is loaded as its suffix says, whatever the options.
+
+Video models (3-D convolutions), optical-flow models (two images, two encoders) and
+quantized models (packed int8 weights) are listed with ``supported=False`` and a
+``reason``; loading them raises :class:`UnsupportedModel`.
+
+``ZOOSCAN_TORCHVISION_URL_BASE`` replaces ``https://download.pytorch.org/models/`` in
+download URLs (a mirror, or a local server in tests); provenance keeps the official URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import inspect
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model_builder, get_model_weights
+from torchvision.models import list_models as tv_list_models
+
+import zooscan
+from zooscan.checkpoints import LoadedTensor, read_tensors
+from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
+from zooscan.layers import LayerSpec, build_on_meta, find_first_layer
+from zooscan.records import FirstLayer, ModelRef, Provenance
+
+URL_BASE_ENV = "ZOOSCAN_TORCHVISION_URL_BASE"
+OFFICIAL_URL_BASE = "https://download.pytorch.org/models/"
+KNOWN_OPTIONS = {
+    "weights": "default | none (random init) | a weights name such as IMAGENET1K_V1",
+    "seed": "integer seed for weights=none (default 0)",
+}
+TASK_MODULES = {
+    "classification": "torchvision.models",
+    "detection": "torchvision.models.detection",
+    "segmentation": "torchvision.models.segmentation",
+    "video": "torchvision.models.video",
+    "optical_flow": "torchvision.models.optical_flow",
+    "quantization": "torchvision.models.quantization",
+}
+UNSUPPORTED_TASKS = {
+    "video": "video model: its first layer is a 3-D convolution over time (Conv3d), "
+    "not a 2-D filter bank on images",
+    "optical_flow": "optical-flow model: it takes two images and two encoders (feature and "
+    "context) consume them, so there is no single first layer",
+    "quantization": "quantized model: packed int8 weights; scan the float builder of the "
+    "same architecture instead",
+}
+_RANDOM_PREFIX = "random-seed"
+_HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+_DETECTION_PROBE = 320
+_DEFAULT_PROBE = 224
+
+# Building for real (random init) uses the global RNG, and build_on_meta's fallback
+# patches nn.Module for the duration of a build: builds are serialised.
+_BUILD_LOCK = threading.RLock()
+
+
+class TorchvisionSource:
+    """Source over torchvision's model builders (see the module docstring)."""
+
+    name = "torchvision"
+    description = (
+        "torchvision model builders (classification, detection, segmentation); "
+        "first layer read from the TORCH_HOME cache, downloaded there when missing"
+    )
+
+    def __init__(self, options: dict[str, str]) -> None:
+        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+        if unknown:
+            known = "; ".join(f"{k}: {v}" for k, v in KNOWN_OPTIONS.items())
+            raise UserError(
+                f"torchvision source: unknown option(s) {', '.join(unknown)} (known: {known})"
+            )
+        self.weights_option = _parse_weights_option(options.get("weights", "default"))
+        self.seed = _parse_seed(options.get("seed"), self.weights_option)
+
+    # ------------------------------------------------------------------ listing
+
+    def list_models(self, patterns: Sequence[str]) -> Iterator[ModelRef]:
+        """Every builder with weights matching ``patterns`` (fnmatch on the builder name
+        or the model name), sorted by name; no weights are fetched."""
+        for builder_name, task in _all_builders():
+            weights = _select_weights(builder_name, self.weights_option)
+            if weights is _ABSENT:
+                continue
+            name = _model_name(builder_name, weights, self.weights_option, self.seed)
+            if patterns and not any(
+                fnmatchcase(builder_name, p) or fnmatchcase(name, p) for p in patterns
+            ):
+                continue
+            yield ModelRef(self.name, name, _info(builder_name, task, weights, self.seed))
+
+    # ------------------------------------------------------------------ loading
+
+    def load_first_layer(self, ref: ModelRef) -> FirstLayer:
+        """The first layer of ``ref`` (builder name, optionally ``@WEIGHTS`` or
+        ``@random-seedN``)."""
+        builder_name, weights, seed = self._resolve(ref.name)
+        task = task_of(builder_name)
+        if task in UNSUPPORTED_TASKS:
+            raise UnsupportedModel(f"{builder_name}: {UNSUPPORTED_TASKS[task]}")
+        if weights is None:
+            return _load_random(builder_name, task, seed)
+        return _load_pretrained(builder_name, task, weights)
+
+    def _resolve(self, name: str) -> tuple[str, Any, int]:
+        builder_name, _, suffix = name.partition("@")
+        if builder_name not in dict(_all_builders()):
+            raise ModelError(f"torchvision has no model builder {builder_name!r}")
+        if suffix.startswith(_RANDOM_PREFIX):
+            try:
+                return builder_name, None, int(suffix[len(_RANDOM_PREFIX) :])
+            except ValueError as exc:
+                raise ModelError(f"{name}: bad random seed suffix {suffix!r}") from exc
+        option = suffix or self.weights_option
+        weights = _select_weights(builder_name, option)
+        if weights is _ABSENT:
+            raise ModelError(
+                f"{builder_name} has no weights {option!r} (has: {_weights_names(builder_name)})"
+            )
+        return builder_name, weights, self.seed
+
+
+# ------------------------------------------------------------------- plugin hook
+
+
+@zooscan.hookimpl
+def register_sources(register) -> None:
+    """Register the ``torchvision`` source."""
+    register(TorchvisionSource)
+
+
+# -------------------------------------------------------------- options, naming
+
+_ABSENT = object()
+
+
+def _parse_weights_option(value: str) -> str | None:
+    text = value.strip()
+    if text.lower() == "default":
+        return "DEFAULT"
+    if text.lower() in ("none", "random"):
+        return None
+    if not text:
+        raise UserError("torchvision source: option weights is empty (default | none | NAME)")
+    return text.rsplit(".", 1)[-1]  # accept "ResNet50_Weights.IMAGENET1K_V1"
+
+
+def _parse_seed(value: str | None, weights_option: str | None) -> int:
+    if value is None:
+        return 0
+    if weights_option is not None:
+        raise UserError("torchvision source: option seed applies only with weights=none")
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise UserError(f"torchvision source: seed must be an integer, got {value!r}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _all_builders() -> tuple[tuple[str, str], ...]:
+    """``(builder name, task)`` for every registered builder that has weights."""
+    found = {}
+    for task, module_name in TASK_MODULES.items():
+        module = importlib.import_module(module_name)
+        for name in tv_list_models(module=module):
+            with contextlib.suppress(ValueError, KeyError):
+                if len(get_model_weights(name)) > 0:
+                    found.setdefault(name, task)
+    return tuple(sorted(found.items()))
+
+
+def task_of(builder_name: str) -> str | None:
+    """The task (``classification``, ``detection``...) of a builder, ``None`` if unknown."""
+    return dict(_all_builders()).get(builder_name)
+
+
+def _weights_names(builder_name: str) -> str:
+    return ", ".join(w.name for w in get_model_weights(builder_name))
+
+
+def _select_weights(builder_name: str, option: str | None):
+    """The weights enum member the option selects, ``None`` for random init, or
+    ``_ABSENT`` when the builder has no weights of that name."""
+    if option is None:
+        return None
+    enum = get_model_weights(builder_name)
+    if option == "DEFAULT":
+        return enum.DEFAULT
+    return enum.__members__.get(option, _ABSENT)
+
+
+def _model_name(builder_name: str, weights, option: str | None, seed: int) -> str:
+    if option is None:
+        return f"{builder_name}@{_RANDOM_PREFIX}{seed}"
+    if weights == get_model_weights(builder_name).DEFAULT:
+        return builder_name
+    return f"{builder_name}@{weights.name}"
+
+
+def _info(builder_name: str, task: str, weights, seed: int) -> dict[str, Any]:
+    default = get_model_weights(builder_name).DEFAULT
+    shown = weights if weights is not None else default
+    info: dict[str, Any] = {
+        "builder": builder_name,
+        "task": task,
+        "weights": weights.name if weights is not None else "none",
+        "url": weights.url if weights is not None else None,
+        "file": _file_name(weights.url) if weights is not None else None,
+        "num_params": shown.meta.get("num_params"),
+        "supported": task not in UNSUPPORTED_TASKS,
+    }
+    if weights is None:
+        info["seed"] = seed
+    if task in UNSUPPORTED_TASKS:
+        info["reason"] = UNSUPPORTED_TASKS[task]
+    return info
+
+
+# ---------------------------------------------------------- building on meta
+
+
+def build_kwargs(builder_name: str, weights) -> dict[str, Any]:
+    """The builder keyword arguments that give the architecture ``weights`` expect,
+    when the builder is called with ``weights=None`` (so nothing is downloaded).
+
+    Mirrors what torchvision's builders set from a weights enum: ``num_classes`` from
+    the categories, GoogLeNet/Inception's ``transform_input``/``aux_logits``, ViT's
+    ``image_size``, MaxViT's ``input_size``; backbone weights are always disabled.
+    """
+    builder = get_model_builder(builder_name)
+    params = inspect.signature(builder).parameters
+    kwargs: dict[str, Any] = {}
+    if "weights_backbone" in params:
+        kwargs["weights_backbone"] = None
+    if builder_name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = weights is None
+    if weights is None:
+        return kwargs
+    meta = weights.meta
+    if "categories" in meta and meta["categories"] is not None:
+        kwargs["num_classes"] = len(meta["categories"])
+    if builder_name in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=True)
+    if builder_name.startswith("vit_"):
+        kwargs["image_size"] = meta["min_size"][0]
+    if builder_name == "maxvit_t":
+        kwargs["input_size"] = meta["min_size"]
+    return kwargs
+
+
+def build_meta_model(builder_name: str, weights) -> nn.Module:
+    """The architecture for ``weights`` with every parameter on the ``meta`` device
+    (:func:`zooscan.layers.build_on_meta`), in eval mode."""
+    builder = get_model_builder(builder_name)
+    kwargs = build_kwargs(builder_name, weights)
+    with _BUILD_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_on_meta(builder, weights=None, **kwargs)
+    return model.eval()
+
+
+def probe_first_layer(model: nn.Module, builder_name: str, task: str, weights) -> LayerSpec:
+    """:func:`find_first_layer` with the input the model expects (detection models:
+    their backbone, after the model's own normalising transform)."""
+    if task == "detection":
+        size = _DETECTION_PROBE
+        return find_first_layer(model, (1, 3, size, size), forward=lambda m, x: m.backbone(x))
+    size = getattr(model, "image_size", None) or _crop_size(weights, builder_name)
+    size = int(size or _DEFAULT_PROBE)
+    return find_first_layer(model, (1, 3, size, size))
+
+
+def _crop_size(weights, builder_name: str) -> int | None:
+    if weights is None:
+        weights = get_model_weights(builder_name).DEFAULT
+    crop = getattr(weights.transforms(), "crop_size", None)
+    return int(crop[0]) if crop else None
+
+
+def normalisation(
+    model: nn.Module, builder_name: str, task: str, weights
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` the model's input is normalised with, on the [0, 1] scale."""
+    transform = getattr(model, "transform", None)
+    if task == "detection" and transform is not None and hasattr(transform, "image_mean"):
+        return tuple(map(float, transform.image_mean)), tuple(map(float, transform.image_std))
+    preset = (weights or get_model_weights(builder_name).DEFAULT).transforms()
+    mean, std = getattr(preset, "mean", None), getattr(preset, "std", None)
+    if mean is None or std is None:
+        return None, None
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+# ------------------------------------------------------------------- loading
+
+
+def _load_pretrained(builder_name: str, task: str, weights) -> FirstLayer:
+    model = build_meta_model(builder_name, weights)
+    spec = probe_first_layer(model, builder_name, task, weights)
+    mean, std = normalisation(model, builder_name, task, weights)
+    path = cache_path(weights.url)
+    fetched = 0
+    if not path.is_file():
+        fetched = download_to_cache(weights.url, path, f"{builder_name} ({weights.name})")
+    loaded = read_tensors(path, spec.parameter_names)
+    key, byte_range, sha = describe_tensors(spec, loaded)
+    provenance = Provenance(
+        repo="torchvision",
+        revision=torchvision.__version__,
+        file=weights.url,
+        tensor_key=key,
+        byte_range=byte_range,
+        sha256=sha,
+        bytes_fetched=fetched,
+    )
+    crop = _crop_size(weights, builder_name) if task == "classification" else None
+    return spec.to_first_layer(
+        {name: t.array for name, t in loaded.items()},
+        mean=mean,
+        std=std,
+        input_size=(crop, crop) if crop else None,
+        provenance=provenance,
+        metadata=_metadata(builder_name, task, weights),
+    )
+
+
+def _load_random(builder_name: str, task: str, seed: int) -> FirstLayer:
+    meta_model = build_meta_model(builder_name, None)
+    spec = probe_first_layer(meta_model, builder_name, task, None)
+    mean, std = normalisation(meta_model, builder_name, task, None)
+    state = random_state(builder_name, seed, spec.parameter_names)
+    loaded = {
+        name: LoadedTensor(
+            key=name,
+            array=tensor.numpy().astype("float32"),
+            sha256=hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest(),
+            byte_range=None,
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            shape=tuple(tensor.shape),
+        )
+        for name, tensor in state.items()
+    }
+    key, _, sha = describe_tensors(spec, loaded)
+    provenance = Provenance(
+        repo="torchvision", revision=torchvision.__version__, tensor_key=key, sha256=sha
+    )
+    metadata = _metadata(builder_name, task, None) | {"seed": seed}
+    layer = spec.to_first_layer(
+        {name: t.array for name, t in loaded.items()},
+        mean=mean,
+        std=std,
+        provenance=provenance,
+        metadata=metadata,
+    )
+    layer.flags["random_init"] = True
+    return layer
+
+
+def random_state(builder_name: str, seed: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Build the model for real on CPU after ``torch.manual_seed(seed)`` (the library's
+    own initialisation) and keep only the tensors ``names``. The global RNG state is
+    restored afterwards."""
+    builder = get_model_builder(builder_name)
+    kwargs = build_kwargs(builder_name, None)
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = builder(weights=None, **kwargs)
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in names}
+
+
+def describe_tensors(
+    spec: LayerSpec, loaded: dict[str, LoadedTensor]
+) -> tuple[str, tuple[int, int] | None, str]:
+    """Provenance fields for the first layer's weight tensor(s).
+
+    One weight tensor (the usual case): its key, byte range and sha256. Several (fused
+    multi-branch stems): keys joined with ``+``, no byte range, and the sha256 of the
+    branch digests joined with newlines, in branch order.
+    """
+    weights = [loaded[k] for k in spec.weight_keys]
+    if len(weights) == 1:
+        return weights[0].key, weights[0].byte_range, weights[0].sha256
+    combined = hashlib.sha256("\n".join(w.sha256 for w in weights).encode()).hexdigest()
+    return "+".join(w.key for w in weights), None, combined
+
+
+def _metadata(builder_name: str, task: str, weights) -> dict[str, Any]:
+    shown = weights or get_model_weights(builder_name).DEFAULT
+    return {
+        "builder": builder_name,
+        "weights": weights.name if weights is not None else "none",
+        "task": task,
+        "num_params": shown.meta.get("num_params"),
+        "torchvision": torchvision.__version__,
+    }
+
+
+# ------------------------------------------------------------------- the cache
+
+
+def _file_name(url: str) -> str:
+    return os.path.basename(urlparse(url).path)
+
+
+def cache_path(url: str) -> Path:
+    """Where torchvision caches ``url``: ``torch.hub.get_dir()/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _file_name(url)
+
+
+def download_url(url: str) -> str:
+    """``url`` with the official base replaced by ``$ZOOSCAN_TORCHVISION_URL_BASE``."""
+    base = os.environ.get(URL_BASE_ENV)
+    if base and url.startswith(OFFICIAL_URL_BASE):
+        return base.rstrip("/") + "/" + url[len(OFFICIAL_URL_BASE) :]
+    return url
+
+
+def download_to_cache(url: str, path: Path, what: str) -> int:
+    """Download ``url`` (through :func:`download_url`) to ``path`` and return its size.
+
+    :func:`torch.hub.download_url_to_file` writes a temporary file and renames it, so
+    a failed download leaves nothing behind; the sha256 prefix in the file name
+    (``resnet18-f37072fd.pth``) is verified as torchvision does. Any failure raises
+    :class:`CheckpointError` naming ``what`` and the cache path.
+    """
+    match = _HASH_REGEX.search(path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(
+            download_url(url),
+            str(path),
+            hash_prefix=match.group(1) if match else None,
+            progress=False,
+        )
+    except Exception as exc:  # urllib, socket and hash errors all mean "not available"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"weights for {what} not in TORCH_HOME cache ({path}) and download failed: {reason}"
+        ) from exc
+    return path.stat().st_size

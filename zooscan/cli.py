@@ -154,9 +154,11 @@ def _scalar(value) -> bool:
               help="Concurrent fetches.")
 @click.option("--retry-failed", is_flag=True, help="Retry models that failed in earlier scans.")
 @click.option("--dry-run", is_flag=True, help="Report what would be scanned; fetch nothing.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Print one line per model as soon as it is committed (or failed).")
 @format_option(("table", "json"))
 def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, workers,
-             retry_failed, dry_run, fmt, **kw) -> None:
+             retry_failed, dry_run, verbose, fmt, **kw) -> None:
     """Scan models from a source into the store (resumable; failures are recorded)."""
     from zooscan.progress import ScanProgress
     from zooscan.scan import plan_scan, run_scan
@@ -185,9 +187,16 @@ def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, work
         return
     with Store(path, mode="a") as store:
         plan = plan_scan(store, source, list(patterns), limit=limit, retry_failed=retry_failed)
-        with ScanProgress(len(plan.todo), enabled=fmt == "table") as progress:
+        with ScanProgress(len(plan.todo), enabled=fmt == "table" and not verbose) as progress:
+
+            def on_model(ref, outcome: str) -> None:
+                progress.model_done(ref, outcome)
+                if verbose:
+                    click.echo(f"{outcome} {ref.name}")
+                    sys.stdout.flush()
+
             summary = run_scan(store, source, plan, patch_dataset, workers=workers,
-                               centered=not uncentered, on_model=progress.model_done,
+                               centered=not uncentered, on_model=on_model,
                                basis_progress=progress.basis)
     if fmt == "json":
         echo_json({"source": source.name, "store": str(path), **summary.as_dict()})
@@ -257,7 +266,9 @@ def pick_basis(store: Store, stored, dataset: str | None):
     """The basis a stored model's profile is read on: ``dataset`` if given, else its first."""
     ids = sorted(stored.energy)
     if dataset:
-        ids = [b for b in ids if b.startswith(dataset + "~") or b.split("~")[0] == dataset]
+        from zooscan.query import dataset_of
+
+        ids = [b for b in ids if dataset_of(b) == dataset]
     if not ids:
         raise UserError(f"model {stored.name!r} has no energy profile"
                         + (f" on dataset {dataset!r}" if dataset else "")
@@ -286,7 +297,12 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
         basis = pick_basis(store, stored, dataset) if stored.energy else None
     layer = stored.layer
     profile = stored.energy[basis.id] if basis is not None else None
-    fit = fit_formula(profile, basis.lambdas) if basis is not None else None
+    fit, fit_error = None, None
+    if basis is not None:
+        try:
+            fit = fit_formula(profile, basis.lambdas)
+        except UserError as exc:  # a constant profile has no fit; show the rest
+            fit_error = str(exc)
     data = {
         "source": source, "name": name, "scanned_at": stored.scanned_at,
         "layer": {
@@ -303,7 +319,8 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
             "eigenvalues": basis.eigenvalues, "lambdas": basis.lambdas,
         },
         "energy": profile,
-        "fit": None if fit is None else fit_as_dict(fit),
+        "fit": None if fit is None else fit.as_dict(),
+        "fit_error": fit_error,
         "bases": sorted(stored.energy),
     }
     if plot:
@@ -330,19 +347,18 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
         click.echo(f"  basis        {basis.id} ({basis.n_patches} patches)")
         click.echo("  energy       " + " ".join(f"{v:.2f}" for v in profile))
         click.echo(f"  peak         component {int(np.argmax(profile))} of {len(profile)}")
-        click.echo(f"  fit          s={fit.s:.4g} r={fit.r:.3f} (r(λ)={fit.r_lambda:.3f}, "
-                   f"r(1/λ)={fit.r_inv_lambda:.3f}) whitening index {fit.whitening_index:.3f}")
+        if fit is None:
+            click.echo(f"  fit          none: {fit_error}")
+        else:
+            click.echo(f"  fit          s={fit.s:.4g} r={fit.r:.3f} (r(λ)={fit.r_lambda:.3f}, "
+                       f"r(1/λ)={fit.r_inv_lambda:.3f}) whitening index "
+                       f"{fit.whitening_index:.3f}")
     if plot:
         click.echo(f"  plot         {plot}")
 
 
 def _fmt(values) -> str:
     return "-" if values is None else "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
-
-
-def fit_as_dict(fit) -> dict:
-    return {"s": fit.s, "r": fit.r, "r_lambda": fit.r_lambda, "r_inv_lambda": fit.r_inv_lambda,
-            "whitening_index": fit.whitening_index, "predicted": fit.predicted}
 
 
 @cli.command("corr")
@@ -422,11 +438,16 @@ def fit_cmd(models, all_models, store_path, source_name, dataset, fmt) -> None:
             if not stored.energy:
                 continue
             basis = pick_basis(store, stored, dataset)
-            fit = fit_formula(stored.energy[basis.id], basis.lambdas)
-            rows.append({"source": source, "name": name, "shape": shape_label(basis.shape_key),
-                         "basis": basis.id, "s": fit.s, "r": fit.r, "r_lambda": fit.r_lambda,
+            row = {"source": source, "name": name, "shape": shape_label(basis.shape_key),
+                   "basis": basis.id}
+            try:
+                fit = fit_formula(stored.energy[basis.id], basis.lambdas)
+            except UserError as exc:  # e.g. a constant profile: report it, fit the rest
+                rows.append({**row, "error": str(exc)})
+                continue
+            rows.append({**row, "s": fit.s, "r": fit.r, "r_lambda": fit.r_lambda,
                          "r_inv_lambda": fit.r_inv_lambda,
-                         "whitening_index": fit.whitening_index})
+                         "whitening_index": fit.whitening_index, "at_limit": fit.at_limit})
     if fmt == "table":
         frame = pd.DataFrame(rows)
         if not frame.empty:

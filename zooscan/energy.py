@@ -43,7 +43,6 @@ __all__ = [
     "energy_profile",
     "fit_formula",
     "formula_profile",
-    "formula_profile_steps",
     "pearson",
     "project",
     "to_pixel_space",
@@ -56,8 +55,8 @@ LAMBDA_ZERO_TOL = 1e-6
 Rank-deficient patch sets (uniform-colour images, constant channels) have eigenvalues
 that are 0 up to rounding (``~1e-16`` relative, i.e. ``lambda ~ 1e-8``); without this
 threshold ``1/lambda`` would be dominated by rounding noise. Genuine spectra of natural
-or 8-bit images stay above it by orders of magnitude (quantisation noise alone gives
-``lambda / lambda_max > 1e-4``)."""
+or 8-bit images stay far above it: 8-bit quantisation noise alone keeps
+``lambda / lambda_max`` around ``1e-4`` or more for kernels up to 16x16x3."""
 
 S_MIN = 1e-4
 """Lower end of the ``s`` search: there the formula equals ``lambda/lambda_max`` to 5e-5."""
@@ -69,6 +68,7 @@ limit to machine precision."""
 
 _POINTS_PER_DECADE = 32
 _REFINED_PEAKS = 3
+_PLATEAU_TOL = 1e-10
 
 
 # --------------------------------------------------------------------------- pixel space
@@ -85,9 +85,10 @@ def to_pixel_space(layer: FirstLayer, *, space: str = "pixel") -> np.ndarray:
     model's channel order; after the division a ``BGR`` layer's channels are reversed
     to RGB. ``L`` (grayscale) and ``other`` layers keep their channel order.
     ``std=None`` means 1. A single ``std`` value applies to every channel; a
-    space-to-depth stem (``layer.flags["space_to_depth"]``, ``C = 3 b^2``, channel
-    index ``(block position) * 3 + colour`` as in timm and YOLO's Focus) takes a
-    3-value ``std`` per colour.
+    space-to-depth stem (``layer.flags["space_to_depth"]``, ``C = 3 b^2``) takes a
+    3-value ``std`` per colour; its channel index is ``position * 3 + colour`` (timm's
+    ``SpaceToDepth``, YOLO's ``Focus``) unless ``layer.flags["space_to_depth_layout"]``
+    is ``"channel_major"`` (``colour * b^2 + position``, ``torch.nn.PixelUnshuffle``).
 
     ``space="model"`` returns the weight unchanged: the model's own input space.
 
@@ -110,7 +111,10 @@ def to_pixel_space(layer: FirstLayer, *, space: str = "pixel") -> np.ndarray:
     std = _channel_std(layer, channels, colour_groups)
     pixel = weight / std[None, :, None, None]
     if layer.channel_order == "BGR":
-        order = np.arange(channels).reshape(colour_groups, 3)[:, ::-1].reshape(-1)
+        if _channel_major(layer):
+            order = np.arange(channels).reshape(3, colour_groups)[::-1].reshape(-1)
+        else:
+            order = np.arange(channels).reshape(colour_groups, 3)[:, ::-1].reshape(-1)
         pixel = pixel[:, order]
     return pixel
 
@@ -129,6 +133,17 @@ def _colour_groups(layer: FirstLayer, channels: int) -> int:
     return 1
 
 
+def _channel_major(layer: FirstLayer) -> bool:
+    """Whether a space-to-depth stem orders its channels colour-major (``c * b^2 + pos``)."""
+    layout = layer.flags.get("space_to_depth_layout", "position_major")
+    if layout not in ("position_major", "channel_major"):
+        raise ModelError(
+            f"first layer {layer.module!r} has unknown space_to_depth_layout {layout!r}; "
+            "expected 'position_major' or 'channel_major'"
+        )
+    return layout == "channel_major"
+
+
 def _channel_std(layer: FirstLayer, channels: int, colour_groups: int) -> np.ndarray:
     """The per-input-channel std as a float64 vector of length ``channels``."""
     if layer.std is None:
@@ -137,11 +152,12 @@ def _channel_std(layer: FirstLayer, channels: int, colour_groups: int) -> np.nda
     if std.size == 1:
         std = np.full(channels, std[0])
     elif colour_groups > 1 and std.size == 3:
-        std = np.tile(std, colour_groups)
+        std = (
+            np.repeat(std, colour_groups) if _channel_major(layer) else np.tile(std, colour_groups)
+        )
     if std.size != channels:
         raise ModelError(
-            f"first layer {layer.module!r} has {channels} input channels but {std.size} "
-            "std values"
+            f"first layer {layer.module!r} has {channels} input channels but {std.size} std values"
         )
     if not np.all(np.isfinite(std)) or np.any(std <= 0):
         raise ModelError(
@@ -327,13 +343,13 @@ def _standardized_rows(matrix: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the formula
 
 
-def formula_profile(lambdas: Any, s: float) -> np.ndarray:
+def formula_profile(lambdas: Any, s: float, *, rate: float | None = None) -> np.ndarray:
     """The linear-CNN energy profile (paper Eq. 3) for the patch spectrum ``lambdas``.
 
     Eq. 3 gives ``e_i ∝ (1 - (1 - a lambda_i^2)^t) / lambda_i`` after ``t`` steps of
     gradient descent with per-step rate ``a`` (the paper's ``eta`` with constants
-    absorbed). Only ``a t`` matters: we use the limit ``t -> inf``, ``a -> 0`` at fixed
-    ``a t``, where ``(1 - a lambda^2)^t -> exp(-a t lambda^2)``:
+    absorbed). Only ``a t`` matters. By default we use the limit ``t -> inf``, ``a -> 0``
+    at fixed ``a t``, where ``(1 - a lambda^2)^t -> exp(-a t lambda^2)``:
 
         e_i ∝ (1 - exp(-s * (lambda_i / lambda_max)^2)) / lambda_i,     s = a t lambda_max^2,
 
@@ -343,8 +359,14 @@ def formula_profile(lambdas: Any, s: float) -> np.ndarray:
     ``s = t * eta * S_max^2 / (2 N)``). Components with ``s (lambda_i/lambda_max)^2 >> 1``
     are whitened (``e ∝ 1/lambda``), those with ``<< 1`` follow the spectrum
     (``e ∝ lambda``); the peak is where ``s (lambda_i/lambda_max)^2 ≈ 1.2564`` (the root
-    of ``2y = e^y - 1``). The finite-``t`` form (:func:`formula_profile_steps`) differs
-    from this limit by a relative ``O(1/t)``: below 1e-4 for the paper's ``t >= 10^4``.
+    of ``2y = e^y - 1``).
+
+    ``rate`` (``= a lambda_max^2``, in ``(0, 1]``, the monotone regime of gradient
+    descent) selects the exact finite-step form instead, with ``t = s / rate`` steps:
+    ``(1 - (1 - rate x_i)^t) / lambda_i``, ``x_i = (lambda_i/lambda_max)^2``. The two
+    differ by a relative ``O(s rate)`` in the decay term, i.e. ``O(1/t)`` at fixed ``s``:
+    below 1e-4 for the paper's ``t >= 10^4``; the limit form is the default because it
+    needs no rate.
 
     Limits: ``s = 0`` gives ``lambda / lambda_max`` (spectrum-following, small ``t``);
     ``s = inf`` gives ``1/lambda`` (whitening, ``t -> inf``). Components with
@@ -352,33 +374,14 @@ def formula_profile(lambdas: Any, s: float) -> np.ndarray:
     every finite ``s`` — the limit of ``(1 - exp(-s lambda^2)) / lambda ~ s lambda`` as
     ``lambda -> 0``: no gradient ever reaches them — and also in the ``s = inf`` limit.
 
-    Raises :class:`UserError` for negative, non-finite or all-zero ``lambdas`` or a
-    negative or NaN ``s``.
+    Raises :class:`UserError` for negative, non-finite or all-zero ``lambdas``, a
+    negative or NaN ``s``, or a ``rate`` outside ``(0, 1]``.
     """
     lam = _normalized_lambdas(lambdas)
     s = float(s)
     if math.isnan(s) or s < 0:
         raise UserError(f"s must be >= 0 (or inf), got {s}")
-    return _normalize_rows(_formula_rows(lam, np.array([s])))[0]
-
-
-def formula_profile_steps(lambdas: Any, rate: float, steps: int) -> np.ndarray:
-    """The exact finite-step form of Eq. 3: ``e_i ∝ (1 - (1 - rate x_i)^steps) / lambda_i``.
-
-    ``x_i = (lambda_i / lambda_max)^2`` and ``rate = a lambda_max^2`` (so ``0 < rate <= 1``,
-    the monotone regime of gradient descent; ``s = rate * steps`` in
-    :func:`formula_profile`). Divided by its maximum; ``lambda_i = 0`` gives 0.
-    """
-    lam = _normalized_lambdas(lambdas)
-    if not 0 < rate <= 1:
-        raise UserError(f"rate must be in (0, 1], got {rate}")
-    if steps < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
-    x = rate * lam**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        decay = -np.expm1(steps * np.log1p(-x))  # 1 - (1 - x)^steps, accurately
-        gain = np.where(x > 0, decay / x, float(steps))  # -> steps as x -> 0
-    return _normalize_rows((lam * gain)[None, :])[0]
+    return _normalize_rows(_formula_rows(lam, np.array([s]), _checked_rate(rate)))[0]
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ class FormulaFit:
     r_inv_lambda: float
     """Pearson correlation with ``1/lambda`` (whitening limit; 0 where ``lambda = 0``)."""
     predicted: np.ndarray
-    """``formula_profile(lambdas, s)``, divided by its max."""
+    """``formula_profile(lambdas, s, rate=rate)``, divided by its max."""
     whitening_index: float
     """:func:`whitening_index` of the profile (not of the prediction)."""
     lambda_max: float
@@ -409,6 +412,8 @@ class FormulaFit:
     at_limit: str | None = None
     """``"spectrum"`` or ``"whitening"`` when the best ``s`` is at an end of ``s_range``
     (the profile is best described by ``lambda`` or ``1/lambda``), else ``None``."""
+    rate: float | None = None
+    """The per-step rate of the finite-step form, or ``None`` for the ``t -> inf`` form."""
     evaluations: int = field(default=0, compare=False)
     """Formula evaluations the search used."""
 
@@ -416,6 +421,11 @@ class FormulaFit:
     def eta_t(self) -> float:
         """``eta t = s / lambda_max^2`` in the units of the ``lambdas`` given."""
         return self.s / self.lambda_max**2
+
+    @property
+    def steps(self) -> float | None:
+        """``t = s / rate`` for the finite-step form (``None`` without a rate)."""
+        return None if self.rate is None else self.s / self.rate
 
     @property
     def peak_component(self) -> int:
@@ -433,13 +443,15 @@ class FormulaFit:
             "whitening_index": self.whitening_index,
             "peak_component": self.peak_component,
             "at_limit": self.at_limit,
-            "s_range": list(self.s_range),
+            "s_range": [float(v) for v in self.s_range],
             "lambda_max": self.lambda_max,
+            "rate": self.rate,
+            "steps": self.steps,
             "predicted": self.predicted.tolist(),
         }
 
 
-def fit_formula(profile: Any, lambdas: Any) -> FormulaFit:
+def fit_formula(profile: Any, lambdas: Any, *, rate: float | None = None) -> FormulaFit:
     """Fit :func:`formula_profile` to ``profile``: the ``s`` maximising the Pearson ``r``.
 
     A continuous 1-D search in ``log s`` over ``[S_MIN, 50 / (lambda_min/lambda_max)^2]``
@@ -448,9 +460,12 @@ def fit_formula(profile: Any, lambdas: Any) -> FormulaFit:
     the global maximum (``r(log s)`` varies on a scale of about a decade, since each
     component saturates over ~1.4 decades of ``s``); bounded Brent searches
     (``scipy.optimize.minimize_scalar``) then refine the best grid peaks to
-    ``|Δ log s| < 1e-7``. This reaches at least the ``r`` of the paper's 20 000-step grid
-    over ``t`` in a few milliseconds, and unlike it never misses a better ``s`` outside a
-    fixed ``t`` range. Negative best correlations are reported as they are.
+    ``|Δ log s| < 1e-7``. Near the ends ``r(s)`` is flat: when an end is within 1e-10 of
+    the best ``r``, ``s`` is that end and :attr:`FormulaFit.at_limit` names it. This
+    reaches at least the ``r`` of the paper's 20 000-step grid over ``t`` (pass its
+    ``rate`` to fit the very same finite-step family) in a few milliseconds, and unlike
+    it never misses a better ``s`` outside a fixed ``t`` range. Negative best
+    correlations are reported as they are (the paper's code returned 0).
 
     Raises :class:`UserError` when the lengths differ, the profile is constant or not
     finite, or the spectrum has fewer than two distinct non-zero ``lambda`` (then ``s``
@@ -458,6 +473,7 @@ def fit_formula(profile: Any, lambdas: Any) -> FormulaFit:
     """
     e = _profile_vector(profile, "energy profile")
     lam = _normalized_lambdas(lambdas)
+    rate = _checked_rate(rate)
     if e.shape != lam.shape:
         raise UserError(f"profile has {e.size} components but the spectrum {lam.size}")
     target = _standardized_rows(e[None, :])[0]
@@ -469,18 +485,20 @@ def fit_formula(profile: Any, lambdas: Any) -> FormulaFit:
             "the patch spectrum has fewer than two distinct non-zero lambdas; "
             "the formula's s is not identifiable"
         )
-    search = _LogSearch(lam, target, S_MIN, _S_SATURATION / positive.min() ** 2)
+    search = _LogSearch(lam, target, rate, S_MIN, _S_SATURATION / positive.min() ** 2)
     s, r = search.run()
+    limits = _normalize_rows(_formula_rows(lam, np.array([0.0, np.inf]), None))
     return FormulaFit(
         s=s,
         r=r,
-        r_lambda=pearson(e, _normalize_rows(_formula_rows(lam, np.array([0.0])))[0]),
-        r_inv_lambda=pearson(e, _normalize_rows(_formula_rows(lam, np.array([np.inf])))[0]),
-        predicted=formula_profile(lam, s),
+        r_lambda=pearson(e, limits[0]),
+        r_inv_lambda=pearson(e, limits[1]),
+        predicted=_normalize_rows(_formula_rows(lam, np.array([s]), rate))[0],
         whitening_index=whitening_index(e, lam),
         lambda_max=float(np.max(np.asarray(lambdas, dtype=np.float64))),
         s_range=(search.lo, search.hi),
         at_limit=search.limit(s),
+        rate=rate,
         evaluations=search.evaluations,
     )
 
@@ -488,21 +506,25 @@ def fit_formula(profile: Any, lambdas: Any) -> FormulaFit:
 class _LogSearch:
     """Global maximisation of ``r(s)`` over ``log s``: a log grid, then Brent refinement."""
 
-    def __init__(self, lam: np.ndarray, target: np.ndarray, lo: float, hi: float) -> None:
-        self.lam, self.target = lam, target
-        self.lo, self.hi = lo, max(hi, lo * 10)
+    def __init__(
+        self, lam: np.ndarray, target: np.ndarray, rate: float | None, lo: float, hi: float
+    ) -> None:
+        self.lam, self.target, self.rate = lam, target, rate
+        self.lo, self.hi = lo, float(max(hi, lo * 10))
         self.evaluations = 0
 
     def correlations(self, s: np.ndarray) -> np.ndarray:
         """Pearson r of the target with the formula at each ``s`` (NaN -> -inf)."""
         self.evaluations += s.size
-        r = _standardized_rows(_formula_rows(self.lam, s)) @ self.target
+        rows = _standardized_rows(_formula_rows(self.lam, s, self.rate))
+        r = np.clip(rows @ self.target, -1.0, 1.0)
         return np.where(np.isnan(r), -np.inf, r)
 
     def run(self) -> tuple[float, float]:
         """``(s, r)`` at the global maximum."""
         decades = math.log10(self.hi / self.lo)
-        log_grid = np.linspace(math.log(self.lo), math.log(self.hi), int(decades * 32) + 2)
+        count = int(decades * _POINTS_PER_DECADE) + 2
+        log_grid = np.linspace(math.log(self.lo), math.log(self.hi), count)
         r_grid = self.correlations(np.exp(log_grid))
         best_log, best_r = float(log_grid[np.argmax(r_grid)]), float(np.max(r_grid))
         for i in _top_local_maxima(r_grid, _REFINED_PEAKS):
@@ -515,6 +537,10 @@ class _LogSearch:
             )
             if -result.fun > best_r:
                 best_log, best_r = float(result.x), float(-result.fun)
+        # r(s) is flat near the limits; a maximum on such a plateau is the limit itself.
+        for end in (0, -1):
+            if r_grid[end] >= best_r - _PLATEAU_TOL:
+                return (self.lo, self.hi)[end], float(r_grid[end])
         return math.exp(best_log), best_r
 
     def limit(self, s: float) -> str | None:
@@ -565,21 +591,36 @@ def whitening_index(profile: Any, lambdas: Any) -> float:
     return float(-(x_centered @ (y - y.mean())) / spread)
 
 
-def _formula_rows(lam: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _formula_rows(lam: np.ndarray, s: np.ndarray, rate: float | None) -> np.ndarray:
     """Unnormalised formula profiles, one row per ``s`` (``0`` and ``inf`` are the limits).
 
-    ``(1 - exp(-s x)) / lambda`` with ``x = lambda^2`` is computed as ``s lambda g(s x)``,
-    ``g(y) = (1 - e^-y) / y``, then divided by ``s`` (which the normalisation ignores):
-    exact for every ``s`` from 0 to inf and 0 at ``lambda = 0``.
+    ``(1 - decay(s x)) / lambda`` with ``x = lambda^2`` is computed as ``lambda g``,
+    ``g = (1 - decay) / (s x)`` (the factor ``s`` is dropped; the normalisation ignores
+    it): exact for every ``s`` from 0 to inf, and 0 at ``lambda = 0``. ``decay`` is
+    ``exp(-s x)`` or, with a rate, ``(1 - rate x)^(s / rate)``.
     """
-    y = s[:, None] * lam[None, :] ** 2
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        gain = np.where(y > 1e-8, -np.expm1(-y) / y, 1.0 - 0.5 * y)
+        y = s[:, None] * lam[None, :] ** 2
+        if rate is None:
+            gain = np.where(y > 1e-8, -np.expm1(-y) / y, 1.0 - 0.5 * y)
+        else:
+            x = rate * lam[None, :] ** 2
+            log_decay = (s[:, None] / rate) * np.log1p(-x)  # log (1 - x)^t, accurately
+            gain = np.where(y > 1e-8, -np.expm1(log_decay) / y, 1.0 - 0.5 * y)
         rows = lam[None, :] * gain
         inverse = np.where(lam > 0, 1.0 / lam, 0.0)
-    infinite = np.isinf(s)
-    rows[infinite] = inverse[None, :]
+    rows[s == 0] = lam
+    rows[np.isinf(s)] = inverse
     return rows
+
+
+def _checked_rate(rate: float | None) -> float | None:
+    if rate is None:
+        return None
+    rate = float(rate)
+    if not 0 < rate <= 1:
+        raise UserError(f"rate must be in (0, 1] (a * lambda_max^2), got {rate}")
+    return rate
 
 
 def _normalize_rows(rows: np.ndarray) -> np.ndarray:
