@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from zooscan.store import Store
 
-N_MODELS = 40
+N_MODELS = 400
 KILLS = 10
 
 
@@ -64,31 +64,29 @@ def test_sigkill_during_scan_loses_nothing_committed(tmp_path, checkpoints, phot
     store = tmp_path / "zoo.h5"
     rng = random.Random(1234)
     reported: set[str] = set()
+    killed = 0
     env = dict(os.environ)
     for trial in range(KILLS):
-        proc = subprocess.Popen(
-            scan_command(store, checkpoints, photo_folder),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        # kill at a random moment: during start-up, basis computation, or commits
-        deadline = time.monotonic() + rng.uniform(1.0, 6.0)
-        lines: list[str] = []
-        os.set_blocking(proc.stdout.fileno(), False)
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            chunk = proc.stdout.read()
-            if chunk:
-                lines.append(chunk)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read() or ""
-        text = "".join(lines) + rest
+        log = tmp_path / f"scan-{trial}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                scan_command(store, checkpoints, photo_folder),
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+            # kill at a random moment: during start-up, basis computation, or commits
+            try:
+                proc.wait(timeout=rng.uniform(1.0, 4.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed += 1
+        text = log.read_text()
         for line in text.splitlines():
-            if line.startswith("stored "):
-                reported.add(line.split(" ", 1)[1])
+            outcome, _, name = line.partition(" ")
+            if outcome == "stored" and re.fullmatch(r"m\d{3}", name):
+                reported.add(name)
         if not store.exists():
             assert not reported, "models were reported stored but there is no store"
             continue
@@ -99,6 +97,8 @@ def test_sigkill_during_scan_loses_nothing_committed(tmp_path, checkpoints, phot
             for name in reported:
                 stored = s.load_model("files", name)
                 np.testing.assert_array_equal(stored.layer.weight, weight_for(int(name[1:])))
+    assert killed >= KILLS - 2, "most trials must be killed while the scan is running"
+    assert 0 < len(reported) < N_MODELS, "the kills must land while models are being committed"
     # the re-run completes the rest
     result = subprocess.run(
         scan_command(store, checkpoints, photo_folder),

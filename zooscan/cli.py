@@ -212,7 +212,7 @@ def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, work
 
 def _print_summary(summary, path: Path) -> None:
     click.echo(
-        f"{'interrupted: ' if summary.interrupted else ''}stored {summary.stored}, "
+        f"{'interrupted' if summary.interrupted else 'done'}: stored {summary.stored}, "
         f"skipped {summary.skipped_stored} already stored"
         + (f" and {summary.skipped_failed} failed before" if summary.skipped_failed else "")
         + f", failed {len(summary.failed)} — {summary.seconds:.1f} s, "

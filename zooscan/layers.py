@@ -483,7 +483,9 @@ class LayerSpec:
         return _scatter(kernel, m, b.dilation, self.in_channels), True
 
 
-def _geom(kernel, stride, padding, dilation, groups) -> dict[str, Any]:
+def _geom(
+    kernel: Sequence[int], stride: Pair, padding: Pair | str, dilation: Pair, groups: int
+) -> dict[str, Any]:
     return {
         "kernel_size": (int(kernel[0]), int(kernel[1])),
         "stride": (int(stride[0]), int(stride[1])),
@@ -597,7 +599,7 @@ def _centre_offset(b: Branch, size: Pair, padding: Pair | str) -> Pair:
         return padding
     if isinstance(padding, str) or isinstance(b.padding, str):
         return ((size[0] - k[0]) // 2, (size[1] - k[1]) // 2)
-    return (padding[0] - b.padding[0], padding[1] - b.padding[1])
+    return (0, 0)
 
 
 def _centre(w: np.ndarray, b: Branch, size: Pair, padding: Pair | str, module: str) -> np.ndarray:
@@ -957,7 +959,7 @@ class _Tracer(TorchFunctionMode):
             return
         hit = self.hits[index]
         if name in ("conv2d", "linear") and hit.call is None:
-            values = dict(zip(_CONV_ARGS, _CONV_DEFAULTS, strict=False))
+            values = dict(zip(_CONV_ARGS, _CONV_DEFAULTS, strict=True))
             values.update(zip(_CONV_ARGS, args, strict=False))
             values.update(kwargs)
             values["input_shape"] = tuple(values["input"].shape)
@@ -1021,6 +1023,7 @@ class _MapError(Exception):
 
 
 def _probe_images(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Probe images: zeros, ones, channel index + 1, pixel index + 1, uniform random."""
     c, h, w = shape[1:]
     n = c * h * w
     index = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, c, h, w)
@@ -1117,26 +1120,9 @@ def _gather_map(
     valid: np.ndarray,
 ) -> tuple[InputMap, np.ndarray, np.ndarray]:
     """The map when every consumed value is one image pixel under a per-channel affine."""
-    tz = outs["zeros"]
     _, c_img, h_img, w_img = images["index"].shape
-    n = c_img * h_img * w_img
-    safe_a = np.where(valid, a, 1.0)
-    ratio = (outs["index"] - tz) / safe_a
-    if not np.all(np.isfinite(ratio)) or not np.all(np.isfinite(outs["random"])):
-        raise _MapError("the consumed values are not finite functions of the image")
-    idx = np.rint(ratio).astype(np.int64) - 1
-    if np.any(valid & ((np.abs(ratio - np.rint(ratio)) > 0.1) | (idx < 0) | (idx >= n))):
-        raise _MapError("the consumed values are not single image pixels (mixing or resampling)")
-    rand = images["random"].to(torch.float64).numpy().reshape(-1)
-    expected = tz + a * rand[np.where(valid, idx, 0)]
-    const_ok = np.all(
-        [np.abs(outs[k] - tz) <= 1e-6 * (np.abs(tz) + 1.0) for k in ("index", "random", "channel")],
-        axis=0,
-    )
-    random_ok = np.abs(outs["random"] - expected) <= 1e-4 * (np.abs(tz) + np.abs(a) + 1.0)
-    if not np.all(np.where(valid, random_ok, const_ok)):
-        raise _MapError("the consumed values are not a per-pixel affine function of the image")
-    feat_idx, grid_shape = _features_view(np.where(valid, idx, -1), kind)
+    idx = _pixel_indices(outs, images, a, valid)
+    feat_idx, grid_shape = _features_view(idx, kind)
     feat_valid = feat_idx >= 0
     chan = np.where(feat_valid, feat_idx // (h_img * w_img), -1)
     hh = np.where(feat_valid, (feat_idx // w_img) % h_img, 0)
@@ -1147,21 +1133,47 @@ def _gather_map(
         raise _MapError("no position of the consumed tensor reads only image pixels")
     dy = hh[:, ref[0]] - hh[:, ref[0]].min()
     dx = ww[:, ref[0]] - ww[:, ref[0]].min()
+    footprint = (int(dy.max()) + 1, int(dx.max()) + 1)
     oh = _position_origins(hh, dy, feat_valid)
     ow = _position_origins(ww, dx, feat_valid)
-    footprint = (int(dy.max()) + 1, int(dx.max()) + 1)
-    (gh, gw), (o_h, o_w), oh, ow = _fit_grid(oh, ow, grid_shape, footprint)
+    grid, origin, oh, ow = _fit_grid(oh, ow, grid_shape, footprint)
     _check_padding(oh, ow, dy, dx, feat_valid, (h_img, w_img))
-    features = tuple((int(c), int(y), int(x)) for c, y, x in zip(channels, dy, dx, strict=False))
-    scale, offset = _channel_affine(a, tz, valid, kind, chan, c_img)
+    features = tuple((int(c), int(y), int(x)) for c, y, x in zip(channels, dy, dx, strict=True))
+    scale, offset = _channel_affine(a, outs["zeros"], kind, chan, c_img)
     size = (int(grid_shape[0]), int(grid_shape[1])) if kind == "conv" else None
-    imap = InputMap(
-        features=features, footprint=footprint, grid=(gh, gw), origin=(o_h, o_w), size=size
-    )
+    imap = InputMap(features=features, footprint=footprint, grid=grid, origin=origin, size=size)
     return imap, scale, offset
 
 
+def _pixel_indices(
+    outs: dict[str, np.ndarray], images: dict[str, torch.Tensor], a: np.ndarray, valid: np.ndarray
+) -> np.ndarray:
+    """For each consumed value, the flat index of the image pixel it reads (-1: constant).
+
+    The pixel-index probe names the pixel; the random probe then checks that the value
+    really is ``offset + scale * pixel`` (a value mixing several pixels can mimic an
+    index, it cannot mimic random content).
+    """
+    tz = outs["zeros"]
+    n = int(np.prod(images["index"].shape))
+    ratio = (outs["index"] - tz) / np.where(valid, a, 1.0)
+    if not np.all(np.isfinite(ratio)) or not np.all(np.isfinite(outs["random"])):
+        raise _MapError("the consumed values are not finite functions of the image")
+    idx = np.rint(ratio).astype(np.int64) - 1
+    if np.any(valid & ((np.abs(ratio - np.rint(ratio)) > 0.1) | (idx < 0) | (idx >= n))):
+        raise _MapError("the consumed values are not single image pixels (mixing or resampling)")
+    rand = images["random"].to(torch.float64).numpy().reshape(-1)
+    expected = tz + a * rand[np.where(valid, idx, 0)]
+    random_ok = np.abs(outs["random"] - expected) <= 1e-4 * (np.abs(tz) + np.abs(a) + 1.0)
+    probes = ("index", "random", "channel")
+    const_ok = np.all([np.abs(outs[k] - tz) <= 1e-6 * (np.abs(tz) + 1.0) for k in probes], axis=0)
+    if not np.all(np.where(valid, random_ok, const_ok)):
+        raise _MapError("the consumed values are not a per-pixel affine function of the image")
+    return np.where(valid, idx, -1)
+
+
 def _feature_channels(chan: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The one image channel each consumed channel/feature reads."""
     lo = np.where(valid, chan, np.iinfo(np.int64).max).min(axis=1)
     hi = np.where(valid, chan, -1).max(axis=1)
     if np.any(hi < 0) or np.any(lo != hi):
@@ -1194,7 +1206,7 @@ def _fit_grid(
         uh, uw = np.unique(oh), np.unique(ow)
         if (
             uh.size * uw.size != oh.size
-            or len({(y, x) for y, x in zip(oh, ow, strict=False)}) != oh.size
+            or len({(y, x) for y, x in zip(oh, ow, strict=True)}) != oh.size
         ):
             raise _MapError("the tokens do not tile the image on a regular grid")
         rows, cols = np.searchsorted(uh, oh), np.searchsorted(uw, ow)
@@ -1204,6 +1216,7 @@ def _fit_grid(
 
 
 def _fit_axis(origin: np.ndarray, along: np.ndarray, default: int) -> Pair:
+    """``(step, start)`` with ``origin = start + along * step`` at every known position."""
     known = np.isfinite(origin)
     o, a = origin[known], along[known]
     if a.size == 0:
@@ -1222,7 +1235,9 @@ def _fit_axis(origin: np.ndarray, along: np.ndarray, default: int) -> Pair:
     return step, int(start[0])
 
 
-def _check_padding(oh, ow, dy, dx, valid, size) -> None:
+def _check_padding(
+    oh: np.ndarray, ow: np.ndarray, dy: np.ndarray, dx: np.ndarray, valid: np.ndarray, size: Pair
+) -> None:
     """Values that read no pixel must sit outside the image (padding)."""
     ys = oh[None, :] + dy[:, None]
     xs = ow[None, :] + dx[:, None]
@@ -1232,8 +1247,9 @@ def _check_padding(oh, ow, dy, dx, valid, size) -> None:
 
 
 def _channel_affine(
-    a: np.ndarray, b: np.ndarray, valid: np.ndarray, kind: str, chan: np.ndarray, channels: int
+    a: np.ndarray, b: np.ndarray, kind: str, chan: np.ndarray, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image channel, the scale and offset of the values reading it (one affine map)."""
     fa, _ = _features_view(a, kind)
     fb, _ = _features_view(b, kind)
     scale, offset = np.ones(channels), np.zeros(channels)
@@ -1283,7 +1299,8 @@ def _resampled_map(
 # ------------------------------------------------------------------ assembly
 
 
-def _branch_from_hit(hit: _Hit, model: nn.Module, params: set[str]) -> Branch:
+def _branch_from_hit(hit: _Hit, params: set[str]) -> Branch:
+    """The :class:`Branch` of one traced consumer (``params``: the model's parameter names)."""
     module = hit.module
     if hit.kind == "identity":
         n = int(getattr(module, "num_features", hit.input_shape[1]))
@@ -1350,10 +1367,12 @@ def _standardization(hit: _Hit) -> WeightStandardization | None:
 
 
 def _same_total(size: int, k: int, s: int, d: int) -> int:
+    """Total padding TensorFlow's SAME adds along one axis."""
     return max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
 
 
 def _conv_padding(hit: _Hit) -> Pair | str:
+    """The padding the conv applies, including padding its forward adds before F.conv2d."""
     module, call = hit.module, hit.call
     if call is None:
         padding = module.padding
@@ -1410,6 +1429,7 @@ def _choose_combination(tracer: _Tracer, branches: list[Branch]) -> tuple[str, l
 
 
 def _check_fusable(branches: list[Branch], names: str) -> None:
+    """Raise unless the branches share one output grid (same stride, centred kernels)."""
     convs = [b for b in branches if b.kind != "identity"]
     primary = _reference(branches)
     for b in convs:
@@ -1564,7 +1584,7 @@ def find_first_layer(
     with _eval_mode(model), torch.no_grad():
         _trace(tracer, model, forward, x, shape)
         params = {n for n, _ in model.named_parameters()}
-        branches = [_branch_from_hit(h, model, params) for h in tracer.hits]
+        branches = [_branch_from_hit(h, params) for h in tracer.hits]
         combination, branches, flags = _choose_combination(tracer, branches)
         primary = branches[0]
         target = tracer.hits[tracer.hit_index[primary.module]].module
