@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,11 @@ def scan_command(store: Path, root: Path, photo_folder: Path) -> list[str]:
     ]
 
 
+def reported_in(output: str) -> set[str]:
+    """Models the scan printed as stored (`scan --verbose` prints after each commit)."""
+    return set(re.findall(r"^stored (m\d{3})$", output, flags=re.MULTILINE))
+
+
 @pytest.mark.slow
 def test_sigkill_during_scan_loses_nothing_committed(tmp_path, checkpoints, photo_folder):
     store = tmp_path / "zoo.h5"
@@ -75,18 +81,21 @@ def test_sigkill_during_scan_loses_nothing_committed(tmp_path, checkpoints, phot
                 stderr=subprocess.DEVNULL,
                 env=env,
             )
-            # kill at a random moment: during start-up, basis computation, or commits
-            try:
-                proc.wait(timeout=rng.uniform(1.0, 4.0))
-            except subprocess.TimeoutExpired:
+            # kill at a random moment: every third trial during start-up or basis
+            # computation (a random time), the others after a random number of commits
+            if trial % 3 == 0:
+                deadline, after_commits = time.monotonic() + rng.uniform(0.5, 3.0), None
+            else:
+                deadline, after_commits = time.monotonic() + 120, rng.randint(1, 60)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if after_commits and len(reported_in(log.read_text())) >= after_commits:
+                    break
+                time.sleep(0.01)
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-                proc.wait()
                 killed += 1
-        text = log.read_text()
-        for line in text.splitlines():
-            outcome, _, name = line.partition(" ")
-            if outcome == "stored" and re.fullmatch(r"m\d{3}", name):
-                reported.add(name)
+            proc.wait()
+        reported |= reported_in(log.read_text())
         if not store.exists():
             assert not reported, "models were reported stored but there is no store"
             continue

@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -599,7 +600,7 @@ def _centre_offset(b: Branch, size: Pair, padding: Pair | str) -> Pair:
         return padding
     if isinstance(padding, str) or isinstance(b.padding, str):
         return ((size[0] - k[0]) // 2, (size[1] - k[1]) // 2)
-    return (0, 0)
+    return (padding[0] - b.padding[0], padding[1] - b.padding[1])
 
 
 def _centre(w: np.ndarray, b: Branch, size: Pair, padding: Pair | str, module: str) -> np.ndarray:
@@ -1694,31 +1695,51 @@ def _assemble(
 # ------------------------------------------------------------------ building
 
 
+_ORIGINAL_REGISTER = (nn.Module.register_parameter, nn.Module.register_buffer)
+_META_BUILD = threading.local()
+_PATCH_LOCK = threading.Lock()
+_patch_users = 0
+
+
+def _register_parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _ORIGINAL_REGISTER[0](self, name, param)
+    if getattr(_META_BUILD, "active", False) and param is not None and param.device.type != "meta":
+        moved = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        self._parameters[name] = moved
+
+
+def _register_buffer_on_meta(
+    self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True
+) -> None:
+    if getattr(_META_BUILD, "active", False) and tensor is not None:
+        tensor = tensor.to("meta")
+    _ORIGINAL_REGISTER[1](self, name, tensor, persistent=persistent)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Move every parameter and buffer to ``meta`` as modules register them."""
-    register_parameter = nn.Module.register_parameter
-    register_buffer = nn.Module.register_buffer
+    """Move every parameter and buffer to ``meta`` as modules register them.
 
-    def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(self, name, param)
-        if param is not None and param.device.type != "meta":
-            cls = type(param)
-            moved = cls(param.to("meta"), requires_grad=param.requires_grad)
-            self._parameters[name] = moved
-
-    def buffer(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True):
-        if tensor is not None:
-            tensor = tensor.to("meta")
-        register_buffer(self, name, tensor, persistent=persistent)
-
-    nn.Module.register_parameter = parameter  # type: ignore[method-assign]
-    nn.Module.register_buffer = buffer  # type: ignore[method-assign]
+    The patch of ``nn.Module.register_parameter``/``register_buffer`` is installed while
+    any thread is inside this context, but acts only in the threads that entered it, so
+    models built concurrently elsewhere (scan workers) are unaffected.
+    """
+    global _patch_users
+    with _PATCH_LOCK:
+        if _patch_users == 0:
+            nn.Module.register_parameter = _register_parameter_on_meta  # type: ignore[method-assign]
+            nn.Module.register_buffer = _register_buffer_on_meta  # type: ignore[method-assign]
+        _patch_users += 1
+    _META_BUILD.active = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        _META_BUILD.active = False
+        with _PATCH_LOCK:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.register_parameter = _ORIGINAL_REGISTER[0]  # type: ignore[method-assign]
+                nn.Module.register_buffer = _ORIGINAL_REGISTER[1]  # type: ignore[method-assign]
 
 
 def build_on_meta(builder: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
@@ -1727,9 +1748,8 @@ def build_on_meta(builder: Callable[..., nn.Module], *args: Any, **kwargs: Any) 
     Tries ``with torch.device("meta")`` first (fastest: no allocation at all). Builders
     that compute their configuration with tensors (torchvision RegNets call
     ``.tolist()``) fail there; they are retried with ordinary tensors and every
-    parameter and buffer moved to ``meta`` as it is registered. The retry patches
-    ``nn.Module.register_parameter``/``register_buffer`` for the duration of the call,
-    so do not build models in other threads at the same time.
+    parameter and buffer moved to ``meta`` as it is registered (thread-safe: other
+    threads building models meanwhile are unaffected).
     """
     try:
         with torch.device("meta"):
