@@ -244,6 +244,7 @@ def _info(builder_name: str, task: str, weights, seed: int) -> dict[str, Any]:
         "file": _file_name(weights.url) if weights is not None else None,
         "num_params": shown.meta.get("num_params"),
         "supported": task not in UNSUPPORTED_TASKS,
+        "cached": weights is not None and cache_path(weights.url).is_file(),
     }
     if weights is None:
         info["seed"] = seed

@@ -62,7 +62,9 @@ def test_load_plugins_env_restricts_what_loads(monkeypatch):
     assert list(plugins.sources()) == ["gabor"]
     result = CliRunner().invoke(build_cli(), ["sources", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert {row["name"] for row in json.loads(result.output) if row["kind"] == "source"} == {"gabor"}
+    assert {row["name"] for row in json.loads(result.output) if row["kind"] == "source"} == {
+        "gabor"
+    }
 
 
 def test_load_plugins_env_empty_loads_none(monkeypatch):

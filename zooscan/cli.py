@@ -29,17 +29,29 @@ class ZooscanGroup(click.Group):
         except OSError as exc:
             if os.environ.get("ZOOSCAN_DEBUG"):
                 raise
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            raise click.ClickException(message) from None
 
 
 def store_option(func):
-    return click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path),
-                        default=None, help=STORE_HELP)(func)
+    return click.option(
+        "--store",
+        "store_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=STORE_HELP,
+    )(func)
 
 
 def format_option(choices=FORMATS, default="table"):
-    return click.option("--format", "fmt", type=click.Choice(choices), default=default,
-                        show_default=True, help="Output format.")
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        help="Output format.",
+    )
 
 
 def resolve_store(path: Path | None) -> Path:
@@ -61,8 +73,13 @@ def cli() -> None:
 def plugins_cmd(fmt: str) -> None:
     """List installed plugins, the hooks they implement and their versions."""
     rows = [
-        {"name": p.name, "module": p.module, "package": p.package, "version": p.version,
-         "hooks": list(p.hooks)}
+        {
+            "name": p.name,
+            "module": p.module,
+            "package": p.package,
+            "version": p.version,
+            "hooks": list(p.hooks),
+        }
         for p in plugins.list_plugins()
     ]
     if fmt == "json":
@@ -77,10 +94,14 @@ def plugins_cmd(fmt: str) -> None:
 @format_option(("table", "json"))
 def sources_cmd(fmt: str) -> None:
     """List model sources and patch datasets."""
-    rows = [{"kind": "source", "name": name, "description": getattr(f, "description", "")}
-            for name, f in plugins.sources().items()]
-    rows += [{"kind": "dataset", "name": name, "description": getattr(f, "description", "")}
-             for name, f in plugins.datasets().items()]
+    rows = [
+        {"kind": "source", "name": name, "description": getattr(f, "description", "")}
+        for name, f in plugins.sources().items()
+    ]
+    rows += [
+        {"kind": "dataset", "name": name, "description": getattr(f, "description", "")}
+        for name, f in plugins.datasets().items()
+    ]
     if fmt == "json":
         echo_json(rows)
     else:
@@ -93,15 +114,33 @@ def sources_cmd(fmt: str) -> None:
 def source_options(func):
     """Options every source understands, passed to the source as its options dict."""
     options = [
-        click.option("--source", "-s", "source_name", required=True, help="Model source (see `zooscan sources`)."),
-        click.option("--weights", help="torchvision: default | none (random init) | a weights name."),
+        click.option(
+            "--source",
+            "-s",
+            "source_name",
+            required=True,
+            help="Model source (see `zooscan sources`).",
+        ),
+        click.option(
+            "--weights", help="torchvision: default | none (random init) | a weights name."
+        ),
         click.option("--key", help="files: the checkpoint key of the first-layer tensor."),
         click.option("--arch", help="files: architecture that locates the first layer."),
         click.option("--mean", help="files: input mean per channel, comma-separated, [0,1] scale."),
         click.option("--std", help="files: input std per channel, comma-separated, [0,1] scale."),
-        click.option("--channel-order", type=click.Choice(["RGB", "BGR", "L"]), help="files: input channel order."),
-        click.option("--option", "-o", "extra", multiple=True, metavar="KEY=VALUE",
-                     help="Any other source option (repeatable)."),
+        click.option(
+            "--channel-order",
+            type=click.Choice(["RGB", "BGR", "L"]),
+            help="files: input channel order.",
+        ),
+        click.option(
+            "--option",
+            "-o",
+            "extra",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Any other source option (repeatable).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -124,7 +163,9 @@ def build_source(source_name: str, **kw):
 @click.argument("patterns", nargs=-1)
 @click.option("--limit", type=click.IntRange(min=1), help="At most N models.")
 @format_option()
-def models_cmd(source_name: str, patterns: tuple[str, ...], limit: int | None, fmt: str, **kw) -> None:
+def models_cmd(
+    source_name: str, patterns: tuple[str, ...], limit: int | None, fmt: str, **kw
+) -> None:
     """List what a source offers (no weights are fetched)."""
     source = build_source(source_name, **kw)
     rows = []
@@ -146,19 +187,46 @@ def _scalar(value) -> bool:
 @source_options
 @click.argument("patterns", nargs=-1)
 @store_option
-@click.option("--dataset", "-d", default="synthetic", show_default=True,
-              help="Patch dataset for the bases: synthetic | folder:PATH | cifar10 | cifar100 ...")
+@click.option(
+    "--dataset",
+    "-d",
+    default="synthetic",
+    show_default=True,
+    help="Patch dataset for the bases: synthetic | folder:PATH | cifar10 | cifar100 ...",
+)
 @click.option("--uncentered", is_flag=True, help="Uncentered patch basis (paper Def. 2.1).")
 @click.option("--limit", type=click.IntRange(min=1), help="Scan at most N models.")
-@click.option("--workers", "-j", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Concurrent fetches.")
+@click.option(
+    "--workers",
+    "-j",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Concurrent fetches.",
+)
 @click.option("--retry-failed", is_flag=True, help="Retry models that failed in earlier scans.")
 @click.option("--dry-run", is_flag=True, help="Report what would be scanned; fetch nothing.")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Print one line per model as soon as it is committed (or failed).")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Print one line per model as soon as it is committed (or failed).",
+)
 @format_option(("table", "json"))
-def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, workers,
-             retry_failed, dry_run, verbose, fmt, **kw) -> None:
+def scan_cmd(
+    source_name,
+    patterns,
+    store_path,
+    dataset,
+    uncentered,
+    limit,
+    workers,
+    retry_failed,
+    dry_run,
+    verbose,
+    fmt,
+    **kw,
+) -> None:
     """Scan models from a source into the store (resumable; failures are recorded)."""
     from zooscan.progress import ScanProgress
     from zooscan.scan import plan_scan, run_scan
@@ -173,15 +241,22 @@ def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, work
         finally:
             if store:
                 store.close()
-        report = {"source": source.name, "store": str(path), "listed": len(plan.listed),
-                  "to_scan": [r.name for r in plan.todo],
-                  "already_stored": len(plan.stored), "failed_before": len(plan.failed_before)}
+        report = {
+            "source": source.name,
+            "store": str(path),
+            "listed": len(plan.listed),
+            "to_scan": [r.name for r in plan.todo],
+            "already_stored": len(plan.stored),
+            "failed_before": len(plan.failed_before),
+        }
         if fmt == "json":
             echo_json(report)
         else:
-            click.echo(f"{len(plan.listed)} models listed: {len(plan.todo)} to scan, "
-                       f"{len(plan.stored)} already stored, {len(plan.failed_before)} failed before"
-                       + (" (skipped; use --retry-failed)" if plan.failed_before else ""))
+            click.echo(
+                f"{len(plan.listed)} models listed: {len(plan.todo)} to scan, "
+                f"{len(plan.stored)} already stored, {len(plan.failed_before)} failed before"
+                + (" (skipped; use --retry-failed)" if plan.failed_before else "")
+            )
             for ref in plan.todo:
                 click.echo(f"  {ref.name}")
         return
@@ -195,9 +270,16 @@ def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, work
                     click.echo(f"{outcome} {ref.name}")
                     sys.stdout.flush()
 
-            summary = run_scan(store, source, plan, patch_dataset, workers=workers,
-                               centered=not uncentered, on_model=on_model,
-                               basis_progress=progress.basis)
+            summary = run_scan(
+                store,
+                source,
+                plan,
+                patch_dataset,
+                workers=workers,
+                centered=not uncentered,
+                on_model=on_model,
+                basis_progress=progress.basis,
+            )
     if fmt == "json":
         echo_json({"source": source.name, "store": str(path), **summary.as_dict()})
     else:
@@ -207,7 +289,8 @@ def scan_cmd(source_name, patterns, store_path, dataset, uncentered, limit, work
     if summary.failed:
         raise click.ClickException(
             f"{len(summary.failed)} of {len(plan.todo)} models failed (recorded in {path}; "
-            "see `zooscan ls --failures`, retry with --retry-failed)")
+            "see `zooscan ls --failures`, retry with --retry-failed)"
+        )
 
 
 def _print_summary(summary, path: Path) -> None:
@@ -216,7 +299,8 @@ def _print_summary(summary, path: Path) -> None:
         f"skipped {summary.skipped_stored} already stored"
         + (f" and {summary.skipped_failed} failed before" if summary.skipped_failed else "")
         + f", failed {len(summary.failed)} — {summary.seconds:.1f} s, "
-        f"{summary.bytes_fetched / 1e6:.2f} MB fetched → {path}")
+        f"{summary.bytes_fetched / 1e6:.2f} MB fetched → {path}"
+    )
     for basis in summary.bases_computed:
         click.echo(f"computed basis {basis}")
     for name, reason in summary.unanalysed:
@@ -270,9 +354,11 @@ def pick_basis(store: Store, stored, dataset: str | None):
 
         ids = [b for b in ids if dataset_of(b) == dataset]
     if not ids:
-        raise UserError(f"model {stored.name!r} has no energy profile"
-                        + (f" on dataset {dataset!r}" if dataset else "")
-                        + " (scan it with a dataset whose images fit its channels)")
+        raise UserError(
+            f"model {stored.name!r} has no energy profile"
+            + (f" on dataset {dataset!r}" if dataset else "")
+            + " (scan it with a dataset whose images fit its channels)"
+        )
     basis = store.get_basis(ids[0])
     if basis is None:
         raise UserError(f"basis {ids[0]!r} is missing from the store")
@@ -284,8 +370,11 @@ def pick_basis(store: Store, stored, dataset: str | None):
 @store_option
 @click.option("--source", "-s", "source_name", help="Source of MODEL (if ambiguous).")
 @click.option("--dataset", "-d", help="Basis dataset key (default: the first stored).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write a PNG with the energy profile and the filter grid.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a PNG with the energy profile and the filter grid.",
+)
 @format_option(("table", "json"))
 def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
     """Show one model: layer metadata, provenance, energy profile, formula fit."""
@@ -304,19 +393,36 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
         except UserError as exc:  # a constant profile has no fit; show the rest
             fit_error = str(exc)
     data = {
-        "source": source, "name": name, "scanned_at": stored.scanned_at,
+        "source": source,
+        "name": name,
+        "scanned_at": stored.scanned_at,
         "layer": {
-            "module": layer.module, "kind": layer.kind, "shape": list(layer.weight.shape),
-            "stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
-            "groups": layer.groups, "bias": layer.bias, "mean": layer.mean, "std": layer.std,
-            "channel_order": layer.channel_order, "input_size": layer.input_size,
-            "flags": layer.flags, "metadata": layer.metadata,
+            "module": layer.module,
+            "kind": layer.kind,
+            "shape": list(layer.weight.shape),
+            "stride": layer.stride,
+            "padding": layer.padding,
+            "dilation": layer.dilation,
+            "groups": layer.groups,
+            "bias": layer.bias,
+            "mean": layer.mean,
+            "std": layer.std,
+            "channel_order": layer.channel_order,
+            "input_size": layer.input_size,
+            "flags": layer.flags,
+            "metadata": layer.metadata,
         },
         "provenance": layer.provenance.as_dict(),
-        "basis": None if basis is None else {
-            "id": basis.id, "dataset": basis.dataset, "centered": basis.centered,
-            "n_patches": basis.n_patches, "n_images": basis.n_images,
-            "eigenvalues": basis.eigenvalues, "lambdas": basis.lambdas,
+        "basis": None
+        if basis is None
+        else {
+            "id": basis.id,
+            "dataset": basis.dataset,
+            "centered": basis.centered,
+            "n_patches": basis.n_patches,
+            "n_images": basis.n_images,
+            "eigenvalues": basis.eigenvalues,
+            "lambdas": basis.lambdas,
         },
         "energy": profile,
         "fit": None if fit is None else fit.as_dict(),
@@ -326,21 +432,28 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
     if plot:
         from zooscan.plots import plot_model
 
-        plot_model(plot, to_pixel_space(layer), profile, basis=basis, fit=fit,
-                   title=f"{source}:{name}")
+        plot_model(
+            plot, to_pixel_space(layer), profile, basis=basis, fit=fit, title=f"{source}:{name}"
+        )
     if fmt == "json":
         echo_json(data)
         return
     click.echo(f"{source}:{name}   scanned {stored.scanned_at}")
     meta = data["layer"]
-    click.echo(f"  first layer  {meta['module']} ({meta['kind']}) weight {tuple(meta['shape'])} "
-               f"stride {tuple(meta['stride'])} padding {meta['padding']} groups {meta['groups']}")
-    click.echo(f"  input        {layer.channel_order} mean {_fmt(layer.mean)} std {_fmt(layer.std)}")
+    click.echo(
+        f"  first layer  {meta['module']} ({meta['kind']}) weight {tuple(meta['shape'])} "
+        f"stride {tuple(meta['stride'])} padding {meta['padding']} groups {meta['groups']}"
+    )
+    click.echo(
+        f"  input        {layer.channel_order} mean {_fmt(layer.mean)} std {_fmt(layer.std)}"
+    )
     if layer.flags:
         click.echo(f"  flags        {layer.flags}")
     prov = data["provenance"]
-    click.echo(f"  provenance   {prov['repo']} {prov['file']} [{prov['tensor_key']}] "
-               f"sha256 {str(prov['sha256'])[:16]}… fetched {prov['bytes_fetched']} B")
+    click.echo(
+        f"  provenance   {prov['repo']} {prov['file']} [{prov['tensor_key']}] "
+        f"sha256 {str(prov['sha256'])[:16]}… fetched {prov['bytes_fetched']} B"
+    )
     if basis is None:
         click.echo("  no energy profile stored")
     else:
@@ -350,9 +463,11 @@ def show_cmd(model, store_path, source_name, dataset, plot, fmt) -> None:
         if fit is None:
             click.echo(f"  fit          none: {fit_error}")
         else:
-            click.echo(f"  fit          s={fit.s:.4g} r={fit.r:.3f} (r(λ)={fit.r_lambda:.3f}, "
-                       f"r(1/λ)={fit.r_inv_lambda:.3f}) whitening index "
-                       f"{fit.whitening_index:.3f}")
+            click.echo(
+                f"  fit          s={fit.s:.4g} r={fit.r:.3f} (r(λ)={fit.r_lambda:.3f}, "
+                f"r(1/λ)={fit.r_inv_lambda:.3f}) whitening index "
+                f"{fit.whitening_index:.3f}"
+            )
     if plot:
         click.echo(f"  plot         {plot}")
 
@@ -366,8 +481,11 @@ def _fmt(values) -> str:
 @click.option("--source", "-s", "source_name", help="Only this source.")
 @click.option("--kernel", "-k", help="Only this kernel shape: 7x7 or 3x7x7.")
 @click.option("--dataset", "-d", help="Basis dataset key (default: the store's most common).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the correlation heatmap as PNG (needs one kernel shape).")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the correlation heatmap as PNG (needs one kernel shape).",
+)
 @format_option()
 def corr_cmd(store_path, source_name, kernel, dataset, plot, fmt) -> None:
     """Pearson correlations between energy profiles, grouped by (C, kh, kw)."""
@@ -384,20 +502,22 @@ def corr_cmd(store_path, source_name, kernel, dataset, plot, fmt) -> None:
             raise UserError(f"--plot needs one kernel shape; the store has {shapes}: add --kernel")
         from zooscan.plots import plot_heatmap
 
-        (shape, matrix), = groups.items()
+        ((shape, matrix),) = groups.items()
         plot_heatmap(plot, matrix, title=f"energy-profile correlation, {shape_label(shape)}")
     if fmt == "json":
-        echo_json({shape_label(shape): {"models": [_label(i) for i in m.index],
-                                        "matrix": m.to_numpy()}
-                   for shape, m in groups.items()})
+        echo_json(
+            {
+                shape_label(shape): {"models": [_label(i) for i in m.index], "matrix": m.to_numpy()}
+                for shape, m in groups.items()
+            }
+        )
     elif fmt == "csv":
         rows = []
         for shape, m in groups.items():
             labels = [_label(i) for i in m.index]
             for i, a in enumerate(labels):
                 for j, b in enumerate(labels):
-                    rows.append({"shape": shape_label(shape), "a": a, "b": b,
-                                 "r": m.iat[i, j]})
+                    rows.append({"shape": shape_label(shape), "a": a, "b": b, "r": m.iat[i, j]})
         echo_frame(pd.DataFrame(rows), "csv")
     else:
         for shape, m in groups.items():
@@ -431,23 +551,38 @@ def fit_cmd(models, all_models, store_path, source_name, dataset, fmt) -> None:
         raise UserError("name MODELs or use --all")
     rows = []
     with Store(resolve_store(store_path), mode="r") as store:
-        targets = (store.models(source_name) if all_models
-                   else [find_model(store, m, source_name) for m in models])
+        targets = (
+            store.models(source_name)
+            if all_models
+            else [find_model(store, m, source_name) for m in models]
+        )
         for source, name in targets:
             stored = store.load_model(source, name)
             if not stored.energy:
                 continue
             basis = pick_basis(store, stored, dataset)
-            row = {"source": source, "name": name, "shape": shape_label(basis.shape_key),
-                   "basis": basis.id}
+            row = {
+                "source": source,
+                "name": name,
+                "shape": shape_label(basis.shape_key),
+                "basis": basis.id,
+            }
             try:
                 fit = fit_formula(stored.energy[basis.id], basis.lambdas)
             except UserError as exc:  # e.g. a constant profile: report it, fit the rest
                 rows.append({**row, "error": str(exc)})
                 continue
-            rows.append({**row, "s": fit.s, "r": fit.r, "r_lambda": fit.r_lambda,
-                         "r_inv_lambda": fit.r_inv_lambda,
-                         "whitening_index": fit.whitening_index, "at_limit": fit.at_limit})
+            rows.append(
+                {
+                    **row,
+                    "s": fit.s,
+                    "r": fit.r,
+                    "r_lambda": fit.r_lambda,
+                    "r_inv_lambda": fit.r_inv_lambda,
+                    "whitening_index": fit.whitening_index,
+                    "at_limit": fit.at_limit,
+                }
+            )
     if fmt == "table":
         frame = pd.DataFrame(rows)
         if not frame.empty:
@@ -458,9 +593,14 @@ def fit_cmd(models, all_models, store_path, source_name, dataset, fmt) -> None:
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("zooscan-demo"), show_default=True,
-              help="Folder for the demo's store and plots.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("zooscan-demo"),
+    show_default=True,
+    help="Folder for the demo's store and plots.",
+)
 @click.option("--quick", is_flag=True, help="Fewer models (for tests).")
 def demo_cmd(out_dir: Path, quick: bool) -> None:
     """Run the main job offline on the embedded default (synthetic patches, torchvision

@@ -6,7 +6,8 @@ Hooks are small and declarative, in the style of ``simonw/llm``: each receives a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 

@@ -39,16 +39,27 @@ def echo_json(data: Any) -> None:
 def echo_frame(frame: pd.DataFrame, fmt: str, *, index: bool = False) -> None:
     """Print a DataFrame as a table, JSON records or CSV."""
     if fmt == "json":
-        records = frame.reset_index().to_dict(orient="records") if index else frame.to_dict(
-            orient="records")
+        records = (
+            frame.reset_index().to_dict(orient="records")
+            if index
+            else frame.to_dict(orient="records")
+        )
         echo_json(records)
     elif fmt == "csv":
         click.echo(frame.to_csv(index=index), nl=False)
     elif frame.empty:
         click.echo("(nothing)")
     else:
-        with pd.option_context("display.max_rows", None, "display.max_columns", None,
-                               "display.width", 200, "display.max_colwidth", 60):
+        with pd.option_context(
+            "display.max_rows",
+            None,
+            "display.max_columns",
+            None,
+            "display.width",
+            200,
+            "display.max_colwidth",
+            60,
+        ):
             click.echo(frame.to_string(index=index, float_format=lambda x: f"{x:.3f}"))
 
 

@@ -73,7 +73,9 @@ def new_plugin_manager(extra: dict[str, ModuleType | object] | None = None) -> p
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         name = pm.get_name(exc.plugin) or repr(exc.plugin)
-        raise PluginError(f"plugin {name!r} implements a hook zooscan does not define: {exc}") from exc
+        raise PluginError(
+            f"plugin {name!r} implements a hook zooscan does not define: {exc}"
+        ) from exc
     return pm
 
 

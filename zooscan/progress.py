@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -21,8 +20,14 @@ class ScanProgress:
 
     def __enter__(self) -> ScanProgress:
         if self.enabled:
-            self._bar = tqdm(total=self.total, unit="model", desc="scan", file=sys.stderr,
-                             dynamic_ncols=True, leave=True)
+            self._bar = tqdm(
+                total=self.total,
+                unit="model",
+                desc="scan",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -37,15 +42,27 @@ class ScanProgress:
             self._bar.set_postfix_str(f"{ref.name[-30:]} failed={self.failed}", refresh=False)
             self._bar.update(1)
 
-    def basis(self, shape_key: tuple[int, int, int]) -> Callable[[int], None] | None:
+    def basis(self, shape_key: tuple[int, int, int]) -> BasisBar | None:
         """A callback counting images for the basis of ``shape_key`` (None when disabled)."""
         if not self.enabled:
             return None
         label = "x".join(map(str, shape_key))
-        bar = tqdm(unit="img", desc=f"basis {label}", file=sys.stderr, leave=False,
-                   dynamic_ncols=True)
+        return BasisBar(
+            tqdm(
+                unit="img", desc=f"basis {label}", file=sys.stderr, leave=False, dynamic_ncols=True
+            )
+        )
 
-        def advance(n: int) -> None:
-            bar.update(n)
 
-        return advance
+class BasisBar:
+    """Counts the images of one basis computation; ``close()`` when it is done."""
+
+    def __init__(self, bar: tqdm):
+        self._bar = bar
+
+    def __call__(self, images: int) -> None:
+        self._bar.update(images)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self._bar.close()

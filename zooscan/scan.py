@@ -86,9 +86,14 @@ def utc_now() -> str:
 class BasisCache:
     """Patch bases by shape, from the store or computed once and stored."""
 
-    def __init__(self, store: Store, dataset: PatchDataset, centered: bool = True,
-                 on_compute: Callable[[str], None] | None = None,
-                 progress: Callable[[tuple[int, int, int]], Callable[[int], None] | None] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        dataset: PatchDataset,
+        centered: bool = True,
+        on_compute: Callable[[str], None] | None = None,
+        progress: Callable[[tuple[int, int, int]], Callable[[int], None] | None] | None = None,
+    ):
         self.store = store
         self.dataset = dataset
         self.centered = centered
@@ -108,11 +113,15 @@ class BasisCache:
                 c, kh, kw = shape_key
                 report = self.progress(shape_key) if self.progress else None
                 try:
-                    basis = compute_basis(self.dataset, c, kh, kw, centered=self.centered,
-                                          progress=report)
+                    basis = compute_basis(
+                        self.dataset, c, kh, kw, centered=self.centered, progress=report
+                    )
                 except DatasetError as exc:
                     self._unavailable[shape_key] = str(exc)
                     raise
+                finally:
+                    if report is not None and hasattr(report, "close"):
+                        report.close()
                 self.store.put_basis(basis)
                 if self.on_compute:
                     self.on_compute(basis.id)
@@ -128,8 +137,14 @@ def analyse_layer(layer: FirstLayer, bases: BasisCache):
     return analyse(weight, basis)
 
 
-def plan_scan(store: Store | None, source: Source, patterns: Sequence[str], *,
-              limit: int | None = None, retry_failed: bool = False) -> ScanPlan:
+def plan_scan(
+    store: Store | None,
+    source: Source,
+    patterns: Sequence[str],
+    *,
+    limit: int | None = None,
+    retry_failed: bool = False,
+) -> ScanPlan:
     """List the source's models and split them into to-do, already stored, failed before."""
     listed = list(_limited(source.list_models(patterns), limit))
     if not listed:
@@ -155,21 +170,32 @@ def _limited(refs: Iterable[ModelRef], limit: int | None) -> Iterable[ModelRef]:
         yield ref
 
 
-def run_scan(store: Store, source: Source, plan: ScanPlan, dataset: PatchDataset, *,
-             workers: int = 1, centered: bool = True,
-             on_model: Callable[[ModelRef, str], None] | None = None,
-             basis_progress=None) -> ScanSummary:
+def run_scan(
+    store: Store,
+    source: Source,
+    plan: ScanPlan,
+    dataset: PatchDataset,
+    *,
+    workers: int = 1,
+    centered: bool = True,
+    on_model: Callable[[ModelRef, str], None] | None = None,
+    basis_progress=None,
+) -> ScanSummary:
     """Fetch, analyse and commit every model in ``plan.todo``.
 
     ``on_model(ref, outcome)`` is called once per model with ``"stored"`` or
     ``"failed"``. Ctrl-C stops cleanly: what was committed stays, the summary says
     ``interrupted``.
     """
-    summary = ScanSummary(listed=len(plan.listed), skipped_stored=len(plan.stored),
-                          skipped_failed=len(plan.failed_before))
+    summary = ScanSummary(
+        listed=len(plan.listed),
+        skipped_stored=len(plan.stored),
+        skipped_failed=len(plan.failed_before),
+    )
     started = time.monotonic()
-    bases = BasisCache(store, dataset, centered, on_compute=summary.bases_computed.append,
-                       progress=basis_progress)
+    bases = BasisCache(
+        store, dataset, centered, on_compute=summary.bases_computed.append, progress=basis_progress
+    )
     pending = list(reversed(plan.todo))
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zooscan-fetch")
     running: dict[Future, ModelRef] = {}
@@ -195,8 +221,14 @@ def run_scan(store: Store, source: Source, plan: ScanPlan, dataset: PatchDataset
     return summary
 
 
-def _commit_one(store: Store, source_name: str, ref: ModelRef, future: Future,
-                bases: BasisCache, summary: ScanSummary) -> str:
+def _commit_one(
+    store: Store,
+    source_name: str,
+    ref: ModelRef,
+    future: Future,
+    bases: BasisCache,
+    summary: ScanSummary,
+) -> str:
     try:
         layer = future.result()
         _check_layer(layer)
@@ -225,6 +257,8 @@ def _check_layer(layer: FirstLayer) -> None:
 
     weight = np.asarray(layer.weight)
     if weight.ndim != 4:
-        raise ModelError(f"first-layer weight must be 4-D (out, C, kh, kw), got shape {weight.shape}")
+        raise ModelError(
+            f"first-layer weight must be 4-D (out, C, kh, kw), got shape {weight.shape}"
+        )
     if not np.isfinite(weight).all():
         raise ModelError("first-layer weight contains NaN or Inf")

@@ -62,10 +62,18 @@ class GaborSource:
             raise ModelError("this bank is broken on purpose (tests the failure path)")
         weight = gabor_bank(size, band, self.orientations)
         return FirstLayer(
-            weight=weight, module="gabor", stride=(1, 1), padding=(size // 2, size // 2),
-            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channel_order="RGB",
-            provenance=Provenance(repo="zooscan-example-gabor", file=ref.name,
-                                  sha256=hashlib.sha256(weight.tobytes()).hexdigest()),
+            weight=weight,
+            module="gabor",
+            stride=(1, 1),
+            padding=(size // 2, size // 2),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            channel_order="RGB",
+            provenance=Provenance(
+                repo="zooscan-example-gabor",
+                file=ref.name,
+                sha256=hashlib.sha256(weight.tobytes()).hexdigest(),
+            ),
             metadata={"band": band},
         )
 
