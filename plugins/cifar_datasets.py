@@ -29,7 +29,7 @@ import os
 import pickle
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,7 +51,7 @@ LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @zooscan.hookimpl
-def register_datasets(register) -> None:
+def register_datasets(register: Callable[[Any], None]) -> None:
     """Register ``cifar10`` and ``cifar100``."""
     register(Cifar10Dataset)
     register(Cifar100Dataset)
@@ -269,7 +269,7 @@ def _download(spec: CifarSpec, root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(
-            spec.url, str(root), filename=spec.archive, md5=spec.archive_md5
+            spec.url, str(root), filename=spec.archive, md5=spec.archive_md5, remove_finished=True
         )
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise DatasetError(f"{missing}, and downloading {spec.url} failed: {exc}") from exc

@@ -481,5 +481,6 @@ def test_cifar_downloads_once_through_torchvision(photos, tmp_path, monkeypatch)
         server.shutdown()
         server.server_close()
     assert (root / "cifar-10-batches-py" / "data_batch_5").is_file()
+    assert not (root / "cifar-10-python.tar.gz").exists()  # the archive is not kept
     np.testing.assert_allclose(_all(test), written["test_batch"] / 255.0, atol=1e-7)
     assert plugins.open_dataset("cifar10").key.startswith("cifar10:train#")  # no new download

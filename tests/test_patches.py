@@ -330,7 +330,7 @@ _PEAK_SCRIPT = textwrap.dedent(
 
 
 def test_memory_does_not_grow_with_the_number_of_images():
-    """Peak memory for 4x the images stays flat; their patch matrix would be 1.9 GB more."""
+    """Peak memory for 4x the images stays flat; their patch matrix would be 1.7 GB more."""
     results = {}
     for n in (150, 600):
         out = subprocess.run(
