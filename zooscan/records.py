@@ -159,7 +159,8 @@ class PatchBasis:
 
     ``components[:, i]`` is ``u_i`` (columns, as ``numpy.linalg.eigh`` returns them),
     sorted by decreasing eigenvalue, each with a fixed sign convention (its entry of
-    largest absolute value is positive) so a basis is reproducible. Patch vectors are
+    largest absolute value is positive; entries within 1e-9 of that magnitude count as
+    tied and the first of them decides) so a basis is reproducible. Patch vectors are
     flattened in ``(c, kh, kw)`` order, the order of ``weight.reshape(out, -1)``.
     ``eigenvalues[i]`` is the variance (centered) or mean square (uncentered) of the
     patches along ``u_i``; the paper's ``lambda_i = sqrt(eigenvalues[i])``.
