@@ -49,7 +49,7 @@ import numpy as np
 import zooscan
 from zooscan.checkpoints import LoadedTensor, first_4d_tensor, list_tensors, read_tensors
 from zooscan.errors import CheckpointError, ModelError, UserError
-from zooscan.records import FirstLayer, ModelRef, Provenance
+from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
 
 EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 KNOWN_OPTIONS = {
@@ -92,12 +92,7 @@ class FilesSource:
     )
 
     def __init__(self, options: dict[str, str]) -> None:
-        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
-        if unknown:
-            known = "; ".join(f"{k}: {v}" for k, v in KNOWN_OPTIONS.items())
-            raise UserError(
-                f"files source: unknown option(s) {', '.join(unknown)} (known: {known})"
-            )
+        check_options("files source", options, KNOWN_OPTIONS)
         try:
             self.options = _settings(options, origin="option")
         except ValueError as exc:

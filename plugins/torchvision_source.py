@@ -56,7 +56,7 @@ import zooscan
 from zooscan.checkpoints import LoadedTensor, read_tensors
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.layers import LayerSpec, build_on_meta, find_first_layer
-from zooscan.records import FirstLayer, ModelRef, Provenance
+from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
 
 URL_BASE_ENV = "ZOOSCAN_TORCHVISION_URL_BASE"
 OFFICIAL_URL_BASE = "https://download.pytorch.org/models/"
@@ -100,12 +100,7 @@ class TorchvisionSource:
     )
 
     def __init__(self, options: dict[str, str]) -> None:
-        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
-        if unknown:
-            known = "; ".join(f"{k}: {v}" for k, v in KNOWN_OPTIONS.items())
-            raise UserError(
-                f"torchvision source: unknown option(s) {', '.join(unknown)} (known: {known})"
-            )
+        check_options("torchvision source", options, KNOWN_OPTIONS)
         self.weights_option = _parse_weights_option(options.get("weights", "default"))
         self.seed = _parse_seed(options.get("seed"), self.weights_option)
 

@@ -236,3 +236,14 @@ class ModelRecord:
     analyses: list[Analysis] = field(default_factory=list)
     scanned_at: str = ""
     """ISO-8601 UTC time of the scan."""
+
+
+def check_options(owner: str, options: dict[str, str], known: dict[str, str]) -> None:
+    """Reject option keys ``owner`` does not understand, listing the ``known`` ones
+    (``{key: help}``) in a :class:`zooscan.errors.UserError`."""
+    from zooscan.errors import UserError
+
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listing = "; ".join(f"{k}: {v}" for k, v in known.items()) or "none"
+        raise UserError(f"{owner}: unknown option(s) {', '.join(unknown)} (known: {listing})")

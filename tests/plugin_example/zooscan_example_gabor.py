@@ -15,8 +15,8 @@ import click
 import numpy as np
 
 from zooscan import hookimpl
-from zooscan.errors import ModelError, UserError
-from zooscan.records import FirstLayer, ModelRef, Provenance
+from zooscan.errors import ModelError
+from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
 
 BANKS = {f"gabor-{k}x{k}-{w}": (k, w) for k in (3, 5, 7, 11) for w in ("low", "high")}
 BANKS["gabor-broken"] = (0, "low")
@@ -46,9 +46,7 @@ class GaborSource:
     description = "Example plugin: Gabor filter banks (3x3 to 11x11)"
 
     def __init__(self, options: dict[str, str]):
-        unknown = set(options) - {"orientations"}
-        if unknown:
-            raise UserError(f"source gabor: unknown option(s) {', '.join(sorted(unknown))}")
+        check_options("gabor source", options, {"orientations": "filters per bank / 2"})
         self.orientations = int(options.get("orientations", 8))
 
     def list_models(self, patterns):
