@@ -225,3 +225,19 @@ def test_missing_store_and_non_hdf5_store(tmp_path):
     assert text.read_text() == "not an HDF5 file"
     result = run("ls", "--store", str(tmp_path), ok=False)
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_bases_are_cached_in_the_store_and_reused(tmp_path, photo_folder):
+    store = str(tmp_path / "zoo.h5")
+    dataset = f"folder:{photo_folder}"
+    scan = ("scan", "--source", "gabor", "--store", store, "--dataset", dataset, "--format", "json")
+    first = json.loads(run(*scan, "gabor-7x7-low").output)
+    assert len(first["bases_computed"]) == 1 and first["bases_computed"][0].endswith("~3x7x7~centered")
+    second = json.loads(run(*scan, "gabor-7x7-high").output)
+    assert second["stored"] == 1 and second["bases_computed"] == []
+    uncentered = json.loads(run(*scan, "gabor-5x5-low", "--uncentered").output)
+    assert uncentered["bases_computed"][0].endswith("~3x5x5~uncentered")
+    with Store(store) as s:
+        assert len(s.bases()) == 2
+        low, high = s.load_model("gabor", "gabor-7x7-low"), s.load_model("gabor", "gabor-7x7-high")
+        assert list(low.energy) == list(high.energy) == first["bases_computed"]
