@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from zooscan.errors import UserError
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -241,8 +243,6 @@ class ModelRecord:
 def check_options(owner: str, options: dict[str, str], known: dict[str, str]) -> None:
     """Reject option keys ``owner`` does not understand, listing the ``known`` ones
     (``{key: help}``) in a :class:`zooscan.errors.UserError`."""
-    from zooscan.errors import UserError
-
     unknown = sorted(set(options) - set(known))
     if unknown:
         listing = "; ".join(f"{k}: {v}" for k, v in known.items()) or "none"

@@ -14,6 +14,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
+
 from zooscan.energy import analyse, to_pixel_space
 from zooscan.errors import DatasetError, ModelError, UserError
 from zooscan.patches import compute_basis
@@ -150,7 +152,7 @@ def plan_scan(
     if not listed:
         what = " ".join(patterns) if patterns else "(all)"
         raise UserError(f"source {source.name!r} has no model matching {what}")
-    stored_names = set(n for _, n in store.models(source.name)) if store else set()
+    stored_names = {n for _, n in store.models(source.name)} if store else set()
     failed_names = {f["name"] for f in store.failures(source.name)} if store else set()
     todo, stored, failed_before = [], [], []
     for ref in listed:
@@ -253,8 +255,6 @@ def _commit_one(
 
 
 def _check_layer(layer: FirstLayer) -> None:
-    import numpy as np
-
     weight = np.asarray(layer.weight)
     if weight.ndim != 4:
         raise ModelError(
