@@ -229,7 +229,7 @@ def scan_cmd(
 ) -> None:
     """Scan models from a source into the store (resumable; failures are recorded)."""
     from zooscan.progress import ScanProgress
-    from zooscan.scan import plan_scan, run_scan
+    from zooscan.scan import estimate_fetch, plan_scan, run_scan
 
     source = build_source(source_name, **kw)
     path = resolve_store(store_path)
@@ -241,6 +241,7 @@ def scan_cmd(
         finally:
             if store:
                 store.close()
+        estimate = estimate_fetch(source, plan.todo)
         report = {
             "source": source.name,
             "store": str(path),
@@ -248,6 +249,7 @@ def scan_cmd(
             "to_scan": [r.name for r in plan.todo],
             "already_stored": len(plan.stored),
             "failed_before": len(plan.failed_before),
+            "fetch": estimate.as_dict(),
         }
         if fmt == "json":
             echo_json(report)
@@ -257,6 +259,13 @@ def scan_cmd(
                 f"{len(plan.stored)} already stored, {len(plan.failed_before)} failed before"
                 + (" (skipped; use --retry-failed)" if plan.failed_before else "")
             )
+            if estimate.estimated:
+                click.echo(
+                    f"fetching them: about {estimate.requests} requests and "
+                    f"{estimate.bytes / 1e6:.2f} MB; {estimate.cached} already cached"
+                )
+            for name, message in estimate.errors:
+                click.echo(f"  cannot estimate {name}: {message}")
             for ref in plan.todo:
                 click.echo(f"  {ref.name}")
         return

@@ -165,6 +165,54 @@ def plan_scan(
     return ScanPlan(listed, todo, stored, failed_before)
 
 
+@dataclass
+class FetchEstimate:
+    """What fetching some models would cost (``--dry-run``), from sources that can tell."""
+
+    models: int = 0
+    estimated: int = 0
+    """Models whose source gave an estimate (sources without ``plan()`` give none)."""
+    requests: int = 0
+    bytes: int = 0
+    cached: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "models": self.models,
+            "estimated": self.estimated,
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "cached": self.cached,
+            "errors": [{"name": n, "message": m} for n, m in self.errors],
+        }
+
+
+def estimate_fetch(source: Source, refs: Sequence[ModelRef]) -> FetchEstimate:
+    """Ask the source what fetching each model would take, without network access.
+
+    Sources may implement ``plan(ref) -> {"requests": int, "bytes": int, "cached": bool}``.
+    """
+    estimate = FetchEstimate(models=len(refs))
+    plan = getattr(source, "plan", None)
+    if plan is None:
+        return estimate
+    for ref in refs:
+        try:
+            cost = plan(ref)
+        except Exception as exc:  # an estimate must never stop a dry run
+            estimate.errors.append((ref.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        estimate.estimated += 1
+        if cost.get("cached"):
+            estimate.cached += 1
+        else:
+            estimate.requests += int(cost.get("requests", 0))
+            estimate.bytes += int(cost.get("bytes", 0))
+    return estimate
+
+
 def _limited(refs: Iterable[ModelRef], limit: int | None) -> Iterable[ModelRef]:
     for i, ref in enumerate(refs):
         if limit is not None and i >= limit:
