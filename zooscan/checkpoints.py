@@ -61,7 +61,7 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -89,7 +89,7 @@ _TORCH_STORAGE_DTYPES = {
     "Float8_e4m3fnStorage": "float8_e4m3fn",
     "Float8_e5m2Storage": "float8_e5m2",
 }
-_ITEMSIZE = {
+ITEMSIZE = {
     "float64": 8,
     "float32": 4,
     "float16": 2,
@@ -169,7 +169,7 @@ class TorchTensorRef:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor's own elements."""
-        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE.get(self.dtype, 0)
+        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE.get(self.dtype, 0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -413,7 +413,7 @@ def _safetensors_index(p: Path) -> list[TensorInfo]:
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = tuple(int(s) for s in entry["shape"])
-            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], str(entry["dtype"]).lower())
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"], str(entry["dtype"]).lower())
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{p}: corrupt safetensors header entry for {key!r}") from exc
         if data_start + end > size:
@@ -435,13 +435,13 @@ def _read_safetensors(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             for wanted in keys:
                 key = resolve_key(list(index), wanted)
-                out[wanted] = _loaded(key, fh.get_tensor(key), index[key].byte_range)
+                out[wanted] = loaded_tensor(key, fh.get_tensor(key), index[key].byte_range)
     except SafetensorError as exc:
         raise CheckpointError(f"{p}: unreadable safetensors file ({exc})") from exc
     return out
 
 
-def _loaded(key: str, tensor: torch.Tensor, byte_range) -> LoadedTensor:
+def loaded_tensor(key: str, tensor: torch.Tensor, byte_range) -> LoadedTensor:
     return LoadedTensor(
         key=key,
         array=_to_float32(tensor, key),
@@ -558,7 +558,7 @@ def _torch_infos(p, refs, archive, members, fh) -> list[TensorInfo]:
         if ref.offset < 0 or any(size < 0 for size in ref.shape):
             raise CheckpointError(f"{p}: corrupt tensor record for {key!r}")
         start = _zip_data_offset(fh, member)
-        itemsize = _ITEMSIZE.get(ref.dtype, 0)
+        itemsize = ITEMSIZE.get(ref.dtype, 0)
         begin = start + ref.offset * itemsize
         if begin + ref.nbytes > start + member.file_size:
             raise CheckpointError(f"{p}: storage of {key!r} is shorter than the tensor")
@@ -606,7 +606,7 @@ def _read_torch(p: Path, keys: Sequence[str], zipped: bool) -> dict[str, LoadedT
     out = {}
     for wanted in keys:
         key = resolve_key(list(tensors), wanted)
-        out[wanted] = _loaded(key, tensors[key], ranges.get(key))
+        out[wanted] = loaded_tensor(key, tensors[key], ranges.get(key))
     return out
 
 
@@ -649,7 +649,7 @@ def _read_npz(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
         with np.load(p, allow_pickle=False) as npz:
             for wanted in keys:
                 key = resolve_key(list(index), wanted)
-                out[wanted] = _loaded_array(key, npz[key], index[key].byte_range)
+                out[wanted] = loaded_array(key, npz[key], index[key].byte_range)
     except CheckpointError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -657,7 +657,7 @@ def _read_npz(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
     return out
 
 
-def _loaded_array(key: str, array: np.ndarray, byte_range) -> LoadedTensor:
+def loaded_array(key: str, array: np.ndarray, byte_range) -> LoadedTensor:
     if array.dtype.kind not in "fiub":
         raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}, not a real-valued weight")
     stored = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
