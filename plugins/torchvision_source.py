@@ -57,13 +57,17 @@ from zooscan.checkpoints import LoadedTensor, read_tensors
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.layers import LayerSpec, build_on_meta, find_first_layer
 from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
+from zooscan.remote import HubClient, fetch_tensors
 
 URL_BASE_ENV = "ZOOSCAN_TORCHVISION_URL_BASE"
 OFFICIAL_URL_BASE = "https://download.pytorch.org/models/"
 KNOWN_OPTIONS = {
     "weights": "default | none (random init) | a weights name such as IMAGENET1K_V1",
     "seed": "integer seed for weights=none (default 0)",
+    "fetch": "uncached weights: ranged (default: only the first-layer bytes) | full "
+    "(download the whole file into the TORCH_HOME cache)",
 }
+FETCH_MODES = ("ranged", "full")
 TASK_MODULES = {
     "classification": "torchvision.models",
     "detection": "torchvision.models.detection",
@@ -96,13 +100,26 @@ class TorchvisionSource:
     name = "torchvision"
     description = (
         "torchvision model builders (classification, detection, segmentation); "
-        "first layer read from the TORCH_HOME cache, downloaded there when missing"
+        "first layer read from the TORCH_HOME cache, else fetched by ranged requests"
     )
 
     def __init__(self, options: dict[str, str]) -> None:
         check_options("torchvision source", options, KNOWN_OPTIONS)
         self.weights_option = _parse_weights_option(options.get("weights", "default"))
         self.seed = _parse_seed(options.get("seed"), self.weights_option)
+        self.fetch = options.get("fetch", "ranged")
+        if self.fetch not in FETCH_MODES:
+            raise UserError(f"torchvision source: fetch must be ranged or full, not {self.fetch!r}")
+        self._client: HubClient | None = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> HubClient:
+        """One HTTP client for every worker of a scan (rate limits and retries shared)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = HubClient()
+            return self._client
 
     # ------------------------------------------------------------------ listing
 
@@ -131,7 +148,7 @@ class TorchvisionSource:
             raise UnsupportedModel(f"{builder_name}: {UNSUPPORTED_TASKS[task]}")
         if weights is None:
             return _load_random(builder_name, task, seed)
-        return _load_pretrained(builder_name, task, weights)
+        return _load_pretrained(builder_name, task, weights, self)
 
     def _resolve(self, name: str) -> tuple[str, Any, int]:
         builder_name, _, suffix = name.partition("@")
@@ -326,15 +343,13 @@ def normalisation(
 # ------------------------------------------------------------------- loading
 
 
-def _load_pretrained(builder_name: str, task: str, weights) -> FirstLayer:
+def _load_pretrained(builder_name: str, task: str, weights, source: TorchvisionSource):
     model = build_meta_model(builder_name, weights)
     spec = probe_first_layer(model, builder_name, task, weights)
     mean, std = normalisation(model, builder_name, task, weights)
-    path = cache_path(weights.url)
-    fetched = 0
-    if not path.is_file():
-        fetched = download_to_cache(weights.url, path, f"{builder_name} ({weights.name})")
-    loaded = read_tensors(path, spec.parameter_names)
+    loaded, fetched = _first_layer_tensors(
+        spec, weights, source, f"{builder_name} ({weights.name})"
+    )
     key, byte_range, sha = describe_tensors(spec, loaded)
     provenance = Provenance(
         repo="torchvision",
@@ -354,6 +369,26 @@ def _load_pretrained(builder_name: str, task: str, weights) -> FirstLayer:
         provenance=provenance,
         metadata=_metadata(builder_name, task, weights),
     )
+
+
+def _first_layer_tensors(spec: LayerSpec, weights, source: TorchvisionSource, what: str):
+    """``({name: LoadedTensor}, bytes fetched)``: from the TORCH_HOME cache when the file
+    is there, else by ranged requests for only those tensors (``fetch=ranged``) or by
+    downloading the whole file into the cache (``fetch=full``)."""
+    path = cache_path(weights.url)
+    if path.is_file():
+        return read_tensors(path, spec.parameter_names), 0
+    if source.fetch == "full":
+        fetched = download_to_cache(weights.url, path, what)
+        return read_tensors(path, spec.parameter_names), fetched
+    try:
+        remote = source.client.url_file(download_url(weights.url))
+        result = fetch_tensors(source.client, remote, spec.parameter_names)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"weights for {what} not in TORCH_HOME cache ({path}) and download failed: {exc}"
+        ) from exc
+    return result.tensors, result.bytes_fetched
 
 
 def _load_random(builder_name: str, task: str, seed: int) -> FirstLayer:

@@ -252,7 +252,8 @@ def test_offline_and_not_cached_fails_fast_and_clearly(torch_home):
     assert message.startswith("weights for resnet34 (IMAGENET1K_V1) not in TORCH_HOME cache")
     assert str(torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth") in message
     assert "download failed" in message and "refused" in message.lower()
-    assert not any((torch_home / "hub" / "checkpoints").iterdir())
+    checkpoints_dir = torch_home / "hub" / "checkpoints"
+    assert not checkpoints_dir.exists() or not any(checkpoints_dir.iterdir())
 
 
 @contextlib.contextmanager
@@ -284,7 +285,7 @@ def test_download_fills_the_cache_and_checks_the_hash(tmp_path, monkeypatch):
         assert size == blob.stat().st_size
         assert tv.cache_path(url).read_bytes() == blob.read_bytes()
         with pytest.raises(CheckpointError, match="download failed: invalid hash value"):
-            _source().load_first_layer(ModelRef("torchvision", "resnet18"))
+            _source(fetch="full").load_first_layer(ModelRef("torchvision", "resnet18"))
     assert not tv.cache_path(get_model_weights("resnet18").DEFAULT.url).exists()
 
 
@@ -342,3 +343,26 @@ def test_every_supported_builder_builds_on_meta_and_has_a_first_layer():
         except Exception as exc:  # collect them all, report at once
             failures.append(f"{builder}: {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def test_uncached_weights_are_fetched_by_ranged_requests(torch_home, tmp_path, monkeypatch):
+    """Not in TORCH_HOME: only the first layer's bytes travel (loopback server's counter),
+    nothing is written to the cache, and the tensor is bit-identical."""
+    from hub_server import HubServer
+
+    weights = get_model_weights("resnet50").DEFAULT
+    torch.manual_seed(3)
+    state = torchvision.models.resnet50().state_dict()
+    blob = tmp_path / "served.pth"
+    torch.save(state, blob)
+    with HubServer() as hub:
+        hub.add_url("/models/" + Path(weights.url).name, blob)
+        monkeypatch.setenv(tv.URL_BASE_ENV, hub.endpoint + "/models/")
+        layer = _source().load_first_layer(ModelRef("torchvision", "resnet50"))
+        sent = hub.bytes_sent()
+    np.testing.assert_array_equal(layer.weight, state["conv1.weight"].numpy())
+    tensor_bytes = state["conv1.weight"].numel() * 4
+    assert layer.provenance.bytes_fetched <= tensor_bytes + 150_000
+    assert sent <= tensor_bytes + 150_000 < blob.stat().st_size / 100
+    assert layer.provenance.sha256 == _sha(state["conv1.weight"].numpy().tobytes())
+    assert not tv.cache_path(weights.url).exists()

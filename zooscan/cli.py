@@ -172,15 +172,17 @@ def models_cmd(
     for i, ref in enumerate(source.list_models(list(patterns))):
         if limit is not None and i >= limit:
             break
-        rows.append({"name": ref.name, **{k: v for k, v in ref.info.items() if _scalar(v)}})
+        rows.append({"name": ref.name, **ref.info})
     if fmt == "json":
         echo_json(rows)
-    else:
-        echo_frame(pd.DataFrame(rows), fmt)
+    else:  # lists (mean, std, input size...) read best as short text in a table
+        echo_frame(pd.DataFrame([{k: _cell(v) for k, v in row.items()} for row in rows]), fmt)
 
 
-def _scalar(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
+def _cell(value):
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return value
 
 
 @cli.command("scan")

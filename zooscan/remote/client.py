@@ -39,12 +39,14 @@ failure mode is under zooscan's control:
 from __future__ import annotations
 
 import email.utils
+import errno
 import hashlib
 import http.client
 import json as jsonlib
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -113,6 +115,21 @@ class _Transient(Exception):
 
 class _Unreachable(_Transient):
     """No response at all: the connection could not be made or broke before one."""
+
+
+class _NoConnection(_Unreachable):
+    """The connection was refused or the host not found: the network said no at once
+    (offline, wrong endpoint), so only :data:`CONNECT_ATTEMPTS` tries are made."""
+
+
+CONNECT_ATTEMPTS = 3
+"""Tries when the connection itself fails (refused, unknown host, no route)."""
+
+
+def _refused_at_once(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionRefusedError, socket.gaierror)) or getattr(
+        exc, "errno", None
+    ) in (errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 class _Truncated(_Transient):
@@ -562,6 +579,8 @@ class HubClient:
             except _Transient as exc:
                 reason, delay = str(exc), exc.delay
                 unreachable = isinstance(exc, _Unreachable)
+                if isinstance(exc, _NoConnection):
+                    allowed = min(allowed, CONNECT_ATTEMPTS)
             attempts += 1
             wait = delay if delay is not None else self._backoff(attempts)
             if attempts >= allowed:
@@ -598,7 +617,8 @@ class HubClient:
                 conn.close()
                 if reused and not fresh and _stale(exc, sent):
                     continue  # a keep-alive connection the server had closed: reconnect
-                raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
+                kind = _NoConnection if not sent and _refused_at_once(exc) else _Unreachable
+                raise kind(f"{type(exc).__name__}: {exc}") from exc
             self._count(requests=1)
             resp = _Response(raw.status, raw.headers, b"", url)
             try:
