@@ -318,6 +318,9 @@ def _print_summary(summary, path: Path) -> None:
         click.echo(f"stored without profile: {name}: {reason}")
     for name, error, message in summary.failed:
         click.echo(f"failed: {name}: {error}: {message}")
+    if summary.failed:
+        reasons = sorted(summary.failures_by_reason.items(), key=lambda item: -item[1])
+        click.echo("failures by reason: " + ", ".join(f"{e} {n}" for e, n in reasons))
 
 
 # --------------------------------------------------------------------------- queries
