@@ -405,7 +405,13 @@ def _safetensors_header(p: Path) -> tuple[dict[str, Any], int]:
 
 def _safetensors_index(p: Path) -> list[TensorInfo]:
     header, data_start = _safetensors_header(p)
-    size = p.stat().st_size
+    return safetensors_infos(header, data_start, p.stat().st_size, str(p))
+
+
+def safetensors_infos(header: dict, data_start: int, size: int, where: str) -> list[TensorInfo]:
+    """The tensors a safetensors ``header`` describes, in storage order, each entry
+    checked: offsets inside a file of ``size`` bytes and a length that matches its
+    dtype and shape. ``where`` names the file in errors (a path or a URL)."""
     infos = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -415,10 +421,18 @@ def _safetensors_index(p: Path) -> list[TensorInfo]:
             shape = tuple(int(s) for s in entry["shape"])
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"], str(entry["dtype"]).lower())
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{p}: corrupt safetensors header entry for {key!r}") from exc
+            raise CheckpointError(f"{where}: corrupt safetensors header entry for {key!r}") from exc
+        itemsize = ITEMSIZE.get(dtype)
+        if begin < 0 or (
+            itemsize is not None and end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
+        ):
+            raise CheckpointError(
+                f"{where}: corrupt safetensors header entry for {key!r} (bytes [{begin}, {end}) "
+                f"for {dtype}{list(shape)})"
+            )
         if data_start + end > size:
             raise CheckpointError(
-                f"{p}: truncated safetensors file ({key!r} ends at byte {data_start + end}, "
+                f"{where}: truncated safetensors file ({key!r} ends at byte {data_start + end}, "
                 f"file has {size})"
             )
         infos.append(TensorInfo(key, shape, dtype, (data_start + begin, data_start + end)))

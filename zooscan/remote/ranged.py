@@ -307,7 +307,7 @@ class _SafetensorsIndex(_Index):
             raise CheckpointError(f"{f.display}: corrupt safetensors header ({exc})") from exc
         if not isinstance(header, dict):
             raise CheckpointError(f"{f.display}: corrupt safetensors header (not an object)")
-        self._infos = _safetensors_infos(f, header, 8 + n, reader.size)
+        self._infos = checkpoints.safetensors_infos(header, 8 + n, reader.size, f.display)
         self._by_key = {info.key: info for info in self._infos}
         self.keys = [info.key for info in self._infos]
 
@@ -323,28 +323,6 @@ class _SafetensorsIndex(_Index):
         raw = self.reader.read(start, end)
         tensor = _tensor_from_bytes(raw, info.dtype, info.shape, key)
         return checkpoints.loaded_tensor(key, tensor, info.byte_range)
-
-
-def _safetensors_infos(f: RemoteFile, header: dict, data_start: int, size: int) -> list[TensorInfo]:
-    infos = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(s) for s in entry["shape"])
-            dtype = checkpoints.SAFETENSORS_DTYPES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{f.display}: corrupt safetensors entry for {key!r}") from exc
-        expected = int(np.prod(shape, dtype=np.int64)) * checkpoints.ITEMSIZE[dtype]
-        if begin < 0 or end - begin != expected or data_start + end > size:
-            raise CheckpointError(
-                f"{f.display}: corrupt safetensors entry for {key!r} (bytes [{begin}, {end}) "
-                f"for {dtype}{list(shape)}, file has {size} bytes)"
-            )
-        infos.append(TensorInfo(key, shape, dtype, (data_start + begin, data_start + end)))
-    infos.sort(key=lambda info: info.byte_range)
-    return infos
 
 
 # --------------------------------------------------------------------------------- zip
