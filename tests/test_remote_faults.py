@@ -279,7 +279,7 @@ def test_server_stopping_mid_transfer_gives_a_clean_error(hub):
 
 
 def test_a_hub_that_went_away_fails_fast_after_the_first_model(hub):
-    client = _client(hub, max_retries=4, backoff_base=0.1, backoff_max=5)
+    client = _client(hub, max_retries=4, backoff_base=0.15, backoff_max=5)
     f = client.resolve("org/r18", "model.safetensors")
     hub.stop()
     start = time.monotonic()

@@ -1,9 +1,11 @@
 """HTTP access to a Hugging Face compatible hub (or any plain URL), built for scans.
 
-One :class:`HubClient` serves a whole scan and is shared by its worker threads. It
-speaks HTTP/1.1 through the standard library (``http.client``) with a small pool of
-keep-alive connections per origin, so every byte on the wire is counted and every
-failure mode is under zooscan's control:
+One :class:`HubClient` serves a whole scan and is shared by its worker threads. Its
+requests go through ``huggingface_hub``'s shared HTTP client
+(``huggingface_hub.get_session()``: connection pooling, proxies from the environment,
+TLS trust store, the library's request hooks); the client streams each body itself,
+so every byte received is counted, and keeps every failure mode under zooscan's
+control:
 
 - **Retries with back-off.** HTTP 408/429/500/502/503/504, connection errors and
   resets, timeouts and bodies that end early (fewer bytes than ``Content-Length``, or
@@ -30,7 +32,8 @@ failure mode is under zooscan's control:
 - **Environment.** ``HF_ENDPOINT`` (read when the client is made, not when a library
   was imported), ``HF_TOKEN`` / the token file (through ``huggingface_hub.get_token``),
   ``HF_HUB_OFFLINE`` (no request is ever made; cached files are used), the hub cache
-  (``HF_HUB_CACHE`` / ``HF_HOME``), and ``HTTP(S)_PROXY`` / ``NO_PROXY``.
+  (``HF_HUB_CACHE`` / ``HF_HOME``), and ``HTTP(S)_PROXY`` / ``NO_PROXY`` (through
+  ``huggingface_hub``'s client).
 - **Cache first.** A file present in the Hugging Face cache for the wanted commit is
   returned as a :class:`RemoteFile` with ``local_path`` set; readers then read it from
   disk and nothing crosses the network.
@@ -41,19 +44,17 @@ from __future__ import annotations
 import email.utils
 import errno
 import hashlib
-import http.client
 import json as jsonlib
 import os
 import random
 import re
 import socket
-import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
@@ -74,8 +75,6 @@ __all__ = [
 DEFAULT_ENDPOINT = "https://huggingface.co"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_REDIRECTS = 8
-_CHUNK = 1 << 18
-_MAX_IDLE_PER_ORIGIN = 32
 _RATELIMIT = re.compile(r'"?(?P<kind>[\w-]+)"?\s*;\s*r\s*=\s*(?P<r>\d+)\s*;\s*t\s*=\s*(?P<t>\d+)')
 _RATELIMIT_POLICY = re.compile(r"q\s*=\s*(?P<q>\d+).*?w\s*=\s*(?P<w>\d+)")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -185,7 +184,7 @@ class RemoteFile:
 @dataclass
 class _Response:
     status: int
-    headers: http.client.HTTPMessage
+    headers: Mapping[str, str]
     body: bytes
     url: str
     incomplete: bool = False
@@ -210,7 +209,6 @@ class _OriginState:
     interval_until: float = 0.0
     down_until: float = 0.0
     """Until then the origin is taken to be down: calls try once instead of retrying."""
-    idle: list[http.client.HTTPConnection] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ client
@@ -249,7 +247,7 @@ class HubClient:
         self.backoff_max = float(backoff_max)
         self.max_elapsed = float(max_elapsed)
         self.cache_dir = str(cache_dir) if cache_dir is not None else hub_cache_dir()
-        self.user_agent = user_agent or f"zooscan/{zooscan.__version__}; python-http.client"
+        self.user_agent = user_agent or f"zooscan/{zooscan.__version__}; httpx2"
         self.bytes_fetched = 0
         self.requests = 0
         self.retries = 0
@@ -258,18 +256,13 @@ class HubClient:
         self._local = threading.local()
         self._closed = threading.Event()
         self._hub_origin = _origin(self.endpoint)
-        self._ssl: ssl.SSLContext | None = None
 
     # -------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Close idle connections and make waiting or future calls fail at once."""
+        """Make waiting or future calls fail at once. The connections belong to
+        ``huggingface_hub``'s shared client and stay open for its other users."""
         self._closed.set()
-        with self._lock:
-            for state in self._origins.values():
-                for conn in state.idle:
-                    conn.close()
-                state.idle.clear()
 
     def __enter__(self) -> HubClient:
         return self
@@ -599,69 +592,59 @@ class HubClient:
             self._sleep(wait)
 
     def _attempt(self, method, url, headers, deadline, body_limit) -> _Response:
-        """Send once and read the whole body; network trouble becomes :class:`_Transient`."""
-        parts = urlsplit(url)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        all_headers = self._headers(url, headers)
-        origin = _origin(url)
-        for fresh in (False, True):
-            conn, reused = self._acquire(origin, parts, fresh)
-            sent = False
-            try:
-                conn.request(method, self._request_target(conn, url, target), headers=all_headers)
-                sent = True
-                raw = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if reused and not fresh and _stale(exc, sent):
-                    continue  # a keep-alive connection the server had closed: reconnect
-                kind = _NoConnection if not sent and _refused_at_once(exc) else _Unreachable
-                raise kind(f"{type(exc).__name__}: {exc}") from exc
+        """Send once through ``huggingface_hub``'s shared HTTP client (redirects are
+        not followed here: :meth:`_follow` and :meth:`_locate` do that) and read the
+        whole body; network trouble becomes :class:`_Transient`."""
+        httpx, session, offline_error = _transport()
+        request = session.build_request(
+            method, url, headers=self._headers(url, headers), timeout=self.timeout
+        )
+        try:
+            raw = session.send(request, stream=True, follow_redirects=False)
+        except httpx.TransportError as exc:
+            raise _connection_failure(exc) from exc
+        except offline_error as exc:
+            raise HubOffline(f"offline (HF_HUB_OFFLINE is set): {url} needs the network") from exc
+        try:
             self._count(requests=1)
-            resp = _Response(raw.status, raw.headers, b"", url)
-            try:
-                if method == "HEAD":
-                    raw.read()
-                else:
-                    limit = body_limit if raw.status == 200 else None
-                    resp.body = self._read_body(raw, resp, deadline, limit)
-            except _Transient:
-                conn.close()
-                raise
-            self._release(origin, conn, raw)
+            resp = _Response(raw.status_code, raw.headers, b"", url)
+            if method != "HEAD":
+                limit = body_limit if raw.status_code == 200 else None
+                resp.body = self._read_body(httpx, raw, resp, deadline, limit)
             return resp
-        raise _Transient("connection error")  # pragma: no cover - the loop returns or raises
+        finally:
+            raw.close()  # a body left unread closes the connection instead of reusing it
 
-    def _read_body(self, raw, resp: _Response, deadline: float, limit: int | None) -> bytes:
+    def _read_body(self, httpx, raw, resp: _Response, deadline: float, limit: int | None) -> bytes:
         """The body, checked against ``Content-Length``; with ``limit`` only that many
-        leading bytes are read (the connection is then closed, not reused)."""
-        expected = raw.getheader("Content-Length")
+        leading bytes are kept (the connection is then closed, not reused)."""
+        expected = raw.headers.get("Content-Length")
         length = int(expected) if expected and expected.strip().isdigit() else None
         stop = length if limit is None or (length is not None and length <= limit) else limit
         chunks: list[bytes] = []
         got = 0
         try:
-            while stop is None or got < stop:
-                chunk = raw.read(_CHUNK if stop is None else min(_CHUNK, stop - got))
-                if not chunk:
-                    break
+            for chunk in raw.iter_raw():
+                self._count(nbytes=len(chunk))
+                if stop is not None and got + len(chunk) > stop:
+                    chunk = chunk[: stop - got]
                 chunks.append(chunk)
                 got += len(chunk)
-                self._count(nbytes=len(chunk))
+                if stop is not None and got >= stop:
+                    break
                 if time.monotonic() > deadline:
                     raise _Transient(f"body too slow ({got} bytes in {self.max_elapsed:.0f} s)")
-        except (OSError, http.client.HTTPException) as exc:
+        except httpx.TransportError as exc:
             resp.body, resp.incomplete = b"".join(chunks), True
+            if isinstance(exc, httpx.RemoteProtocolError) and stop is not None:
+                # The server closed the connection before Content-Length was reached.
+                raise _Truncated(f"truncated body: {got} of {stop} bytes", resp) from exc
             raise _Truncated(
                 f"connection broke after {got} bytes ({type(exc).__name__})", resp
             ) from exc
         if stop is not None and got < stop:
             resp.body, resp.incomplete = b"".join(chunks), True
             raise _Truncated(f"truncated body: {got} of {stop} bytes", resp)
-        if stop is not None and stop != length:
-            raw.close()  # the rest of an over-long body is not wanted
         return b"".join(chunks)
 
     def _headers(self, url: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -671,50 +654,7 @@ class HubClient:
         headers.update(extra)
         return headers
 
-    @staticmethod
-    def _request_target(conn: http.client.HTTPConnection, url: str, target: str) -> str:
-        # Through a plain-HTTP proxy the request line carries the absolute URL.
-        return url if getattr(conn, "_zooscan_proxy", False) else target
-
-    # ------------------------------------------------------------ connections
-
-    def _acquire(self, origin, parts, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
-        if not fresh:
-            with self._lock:
-                idle = self._state(origin).idle
-                if idle:
-                    return idle.pop(), True
-        return self._connect(origin, parts), False
-
-    def _connect(self, origin, parts) -> http.client.HTTPConnection:
-        scheme, host, port = origin
-        proxy = _proxy_for(scheme, host, parts.geturl())
-        if scheme == "https" and self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        if scheme == "https":
-            if proxy:
-                conn = http.client.HTTPSConnection(
-                    proxy[0], proxy[1], timeout=self.timeout, context=self._ssl
-                )
-                conn.set_tunnel(host, port)
-                return conn
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
-        if proxy:
-            conn = http.client.HTTPConnection(proxy[0], proxy[1], timeout=self.timeout)
-            conn._zooscan_proxy = True  # type: ignore[attr-defined]
-            return conn
-        return http.client.HTTPConnection(host, port, timeout=self.timeout)
-
-    def _release(self, origin, conn, raw: http.client.HTTPResponse) -> None:
-        if raw.will_close or not raw.isclosed() or self._closed.is_set():
-            conn.close()
-            return
-        with self._lock:
-            idle = self._state(origin).idle
-            if len(idle) < _MAX_IDLE_PER_ORIGIN:
-                idle.append(conn)
-                return
-        conn.close()
+    # ------------------------------------------------------------ origin state
 
     def _state(self, origin) -> _OriginState:
         state = self._origins.get(origin)
@@ -877,20 +817,34 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, (parts.hostname or "").lower(), port
 
 
-def _proxy_for(scheme: str, host: str, url: str) -> tuple[str, int] | None:
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(scheme)
-    if not proxy or urllib.request.proxy_bypass(host):
-        return None
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    return parts.hostname or "", parts.port or 80
+def _transport() -> tuple[Any, Any, type[Exception]]:
+    """``(httpx2 module, huggingface_hub's shared client, its offline error)``.
+
+    The shared client (``huggingface_hub.get_session()``) carries the environment's
+    proxies, TLS trust store and huggingface_hub's request hooks; it adds no token of
+    its own (:meth:`HubClient._headers` sends it, to the hub's origin only).
+    """
+    try:
+        import httpx2
+        from huggingface_hub import get_session
+        from huggingface_hub.errors import OfflineModeIsEnabled
+    except ImportError as exc:
+        raise CheckpointError(
+            f"hub access needs huggingface_hub >= 2.4 (pip install 'zooscan[hub]'): {exc}"
+        ) from exc
+    return httpx2, get_session(), OfflineModeIsEnabled
 
 
-def _stale(exc: BaseException, sent: bool) -> bool:
-    """A reused keep-alive connection failed before any response: the server closed it."""
-    if isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError)):
-        return True
-    return isinstance(exc, (ConnectionResetError, http.client.BadStatusLine)) or not sent
+def _connection_failure(exc: BaseException) -> _Unreachable:
+    """A failure before any response: :class:`_NoConnection` when the network said no
+    at once (refused, unknown host, no route), else :class:`_Unreachable`."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 16:
+        if _refused_at_once(cause):
+            return _NoConnection(f"{type(exc).__name__}: {exc}")
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return _Unreachable(f"{type(exc).__name__}: {exc}")
 
 
 def _describe(context: Mapping[str, str]) -> str:
@@ -923,7 +877,11 @@ def _normalize_etag(etag: str | None) -> str | None:
 
 
 def _status_reason(resp: _Response) -> str:
-    return f"HTTP {resp.status} {http.client.responses.get(resp.status, '')}".strip()
+    try:
+        phrase = HTTPStatus(resp.status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP {resp.status} {phrase}".strip()
 
 
 def _is_rate_limited(reason: str) -> bool:
