@@ -234,6 +234,13 @@ class HfSource:
         layer.metadata["requests"] = int(meter.requests)
         return layer
 
+    # ------------------------------------------------------------------ dry run
+
+    def plan(self, ref: ModelRef) -> dict[str, Any]:
+        """What loading ``ref`` would cost, without any network request
+        (:func:`plan_fetch`)."""
+        return plan_fetch(self.client, ref.name, self.options.revision)
+
 
 @zooscan.hookimpl
 def register_sources(register) -> None:
@@ -1125,6 +1132,120 @@ def load_repo(repo: RepoView) -> FirstLayer:
         where = "in the Hugging Face cache (offline)" if repo.files is None else "in the repository"
         layer.flags["normalization_unknown"] = f"no preprocessor config {where}: identity assumed"
     return layer
+
+
+# ================================================================== dry run
+
+TYPICAL_LAYER_BYTES = 768 * 3 * 16 * 16 * 4
+"""The first-layer bytes assumed when ``config.json`` is not cached: a ViT-B/16 patch
+embedding in float32 (768 filters of 3×16×16), the commonest first layer on the hub."""
+_SHA = re.compile(r"[0-9a-f]{40}")
+UNCACHED_REQUESTS = {
+    "config.json": 2,
+    "model info": 1,
+    "preprocessor_config.json": 2,
+    "model.safetensors": 3,
+}
+"""Requests :meth:`HfSource.load_first_layer` makes for a repository with nothing
+cached: ``HEAD`` + ``GET`` of ``config.json``, the commit's model info, ``HEAD`` + ``GET``
+of the preprocessor config, and for an unsharded ``model.safetensors`` its ``HEAD``, the
+first block (header) and one ranged read of the layer's tensors."""
+
+
+def plan_fetch(client, repo: str, revision: str | None) -> dict[str, Any]:
+    """``{"requests", "bytes", "cached", "estimated"}`` for loading ``repo``, from the
+    local Hugging Face cache alone (no request).
+
+    - ``config.json`` and a weights file (or a shard index and every shard it names)
+      cached: ``cached`` is true, nothing to download (online, the ``HEAD`` requests that
+      confirm the commit and the model-info request are still made; they carry no file
+      bytes and are not counted).
+    - ``config.json`` cached, weights not: the architecture is built on meta from the
+      cached config (and cached preprocessor config), and ``bytes`` is the checkpoint's
+      first block (:data:`zooscan.remote.ranged.HEAD_BLOCK`) plus the first layer's
+      tensors at the meta model's dtype; requests as in :data:`UNCACHED_REQUESTS`, less
+      the ``GET`` of ``config.json`` (and its ``HEAD`` at a pinned commit sha) and both
+      requests of a cached preprocessor config (once the commit is known, a file cached
+      at that commit needs no request).
+    - nothing cached: :data:`UNCACHED_REQUESTS` and, since the layer is unknown, the
+      first block plus :data:`TYPICAL_LAYER_BYTES`; ``estimated`` is true.
+
+    Requests and bytes assume one ``model.safetensors`` with a preprocessor config, the
+    layer's tensors lying past the first block (in a checkpoint smaller than that block
+    they come with it: one request and fewer bytes); sharded or ``pytorch_model.bin``
+    checkpoints take one to three more requests. The small JSON bodies (configs, model
+    info) are not counted in ``bytes``. Offline with ``config.json`` or
+    the weights missing from the cache raises :class:`CheckpointError`: such a model
+    cannot be loaded.
+    """
+    from zooscan.remote.ranged import HEAD_BLOCK
+
+    rev = revision or "main"
+    config_path = client.cached(repo, "config.json", rev)
+    weights_cached = config_path is not None and _weights_cached(client, repo, rev)
+    if weights_cached:
+        return {"requests": 0, "bytes": 0, "cached": True, "estimated": False}
+    if client.offline:
+        raise CheckpointError(
+            f"{repo}: offline (HF_HUB_OFFLINE is set) and its config.json or weights are "
+            f"not in the Hugging Face cache ({client.cache_dir})"
+        )
+    requests = sum(UNCACHED_REQUESTS.values())
+    if config_path is None:
+        return {
+            "requests": requests,
+            "bytes": HEAD_BLOCK + TYPICAL_LAYER_BYTES,
+            "cached": False,
+            "estimated": True,
+        }
+    config = parse_config(_read_cached_json(config_path, repo), repo)
+    preprocessor_path = client.cached(repo, PREPROCESSOR_FILES[0], rev)
+    preprocessor = _read_cached_json(preprocessor_path, repo) if preprocessor_path else None
+    found = locate_first_layer(config, preprocessor, repo)
+    state = found.model.state_dict()
+    tensor_bytes = sum(
+        state[k].numel() * state[k].element_size() for k in found.spec.parameter_names
+    )
+    requests -= 1  # config.json is read from the cache (its HEAD still finds the commit)
+    if _SHA.fullmatch(rev):
+        requests -= 1  # ... and at a pinned commit even the HEAD is skipped
+    if preprocessor_path is not None:
+        requests -= UNCACHED_REQUESTS["preprocessor_config.json"]  # cached at the commit
+    return {
+        "requests": requests,
+        "bytes": HEAD_BLOCK + tensor_bytes,
+        "cached": False,
+        "estimated": False,
+    }
+
+
+def _weights_cached(client, repo: str, rev: str) -> bool:
+    """A weights file of :data:`WEIGHT_FILES` is cached (an index: with all its shards)."""
+    for filename, kind in WEIGHT_FILES:
+        path = client.cached(repo, filename, rev)
+        if path is None:
+            continue
+        if kind != "index":
+            return True
+        index = _read_cached_json(path, repo)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            continue
+        folder = os.path.dirname(filename)
+        shards = {os.path.join(folder, v) if folder else v for v in weight_map.values()}
+        if all(client.cached(repo, shard, rev) for shard in shards):
+            return True
+    return False
+
+
+def _read_cached_json(path: str, repo: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{repo}: cached {os.path.basename(path)} unreadable ({exc})"
+        ) from exc
 
 
 def timm_preprocessor(config_dict: Mapping[str, Any]) -> dict[str, Any] | None:

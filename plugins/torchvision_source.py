@@ -31,15 +31,18 @@ download URLs (a mirror, or a local server in tests); provenance keeps the offic
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
 import importlib
 import inspect
+import io
 import os
 import re
 import threading
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -58,6 +61,8 @@ from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserEr
 from zooscan.layers import LayerSpec, build_on_meta, find_first_layer
 from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
 from zooscan.remote import HubClient, fetch_tensors
+from zooscan.remote.ranged import HEAD_BLOCK, HEADER_SLACK, MERGE_GAP, TAIL_BLOCK
+from zooscan.remote.zipdir import LOCAL_HEADER
 
 URL_BASE_ENV = "ZOOSCAN_TORCHVISION_URL_BASE"
 OFFICIAL_URL_BASE = "https://download.pytorch.org/models/"
@@ -166,6 +171,38 @@ class TorchvisionSource:
                 f"{builder_name} has no weights {option!r} (has: {_weights_names(builder_name)})"
             )
         return builder_name, weights, self.seed
+
+    # ------------------------------------------------------------------ dry run
+
+    def plan(self, ref: ModelRef) -> dict[str, Any]:
+        """What loading ``ref`` would cost, without any network request.
+
+        ``cached``: random initialisation, or the checkpoint is in the TORCH_HOME cache
+        (0 requests, 0 bytes). Unsupported models (video, optical flow, quantized) fail
+        without fetching anything: 0 requests, 0 bytes, not cached. Otherwise, with
+        ``fetch=full``, one download of the whole file (its size from the weights'
+        ``_file_size``, a MiB figure rounded to the kilobyte; ``num_params`` × 4 where
+        that is missing); with ``fetch=ranged``, what
+        :func:`zooscan.remote.fetch_tensors` reads from a torch zip checkpoint laid out
+        as ``torch.save`` writes the meta model's state dict (see
+        :func:`ranged_fetch_cost`), plus the ``HEAD`` that locates the file. A legacy
+        (non-zip) checkpoint would be downloaded whole instead; that cannot be known
+        without reading it.
+        """
+        builder_name, weights, _ = self._resolve(ref.name)
+        task = task_of(builder_name)
+        if task in UNSUPPORTED_TASKS:
+            return {"requests": 0, "bytes": 0, "cached": False}  # fails without fetching
+        if weights is None or cache_path(weights.url).is_file():
+            return {"requests": 0, "bytes": 0, "cached": True}
+        if self.fetch == "full":
+            return {"requests": 1, "bytes": file_size_estimate(weights), "cached": False}
+        model = build_meta_model(builder_name, weights)
+        spec = probe_first_layer(model, builder_name, task, weights)
+        requests, nbytes = ranged_fetch_cost(
+            model.state_dict(), spec.parameter_names, file_size_estimate(weights)
+        )
+        return {"requests": requests + 1, "bytes": nbytes, "cached": False}
 
 
 # ------------------------------------------------------------------- plugin hook
@@ -508,3 +545,149 @@ def download_to_cache(url: str, path: Path, what: str) -> int:
             f"weights for {what} not in TORCH_HOME cache ({path}) and download failed: {reason}"
         ) from exc
     return path.stat().st_size
+
+
+# ------------------------------------------------------------------- dry run
+
+_EOCD_SIZE = 22
+
+
+def file_size_estimate(weights) -> int:
+    """The checkpoint's size in bytes: the weights' ``_file_size`` (MiB, as torchvision
+    records it) when present, else ``num_params`` × 4 (float32) as an estimate."""
+    size_mib = weights.meta.get("_file_size")
+    if size_mib:
+        return int(round(float(size_mib) * 1024 * 1024))
+    return int(weights.meta.get("num_params") or 0) * 4
+
+
+def ranged_fetch_cost(
+    state: dict[str, torch.Tensor], keys: Sequence[str], file_size: int
+) -> tuple[int, int]:
+    """``(requests, bytes)`` that :func:`zooscan.remote.fetch_tensors` makes to read
+    ``keys`` from a torch zip checkpoint of ``state`` (meta tensors are fine) of about
+    ``file_size`` bytes (the ``HEAD`` that locates the file is not counted).
+
+    The archive is laid out by saving ``state`` with one-element storages (``data.pkl``,
+    the small members and the central directory come out as in the real file), each
+    storage's offset is then moved by the real sizes of the storages before it, and the
+    reader's requests are replayed: the head block, the tail block, the central directory,
+    ``data.pkl`` and ``byteorder`` where those blocks miss them, then one span per wanted storage
+    (local header, :data:`~zooscan.remote.ranged.HEADER_SLACK` and the tensor's bytes),
+    nearby spans merged, bytes already held reused.
+    """
+    names = list(state)
+    wanted = sorted({names.index(k) for k in keys if k in state})
+    layout = _zip_layout(state)
+    size = max(file_size, layout.end_of_data(state) + layout.cd_size + _EOCD_SIZE)
+    reader = _ReadReplay(size)
+    reader.read(0, HEAD_BLOCK)
+    reader.read(max(0, size - TAIL_BLOCK), size)
+    cd_offset = size - _EOCD_SIZE - layout.cd_size
+    reader.read(cd_offset, cd_offset + layout.cd_size)
+    for header, nbytes in layout.small_members:
+        reader.read(header, header + LOCAL_HEADER.size + HEADER_SLACK + nbytes)
+    spans = []
+    for index in wanted:
+        header = layout.storage_header(index, state)
+        nbytes = _nbytes(state[names[index]])
+        spans.append((header, header + LOCAL_HEADER.size + HEADER_SLACK + nbytes))
+    reader.prefetch(spans)
+    return reader.requests, reader.bytes
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class _ZipLayout:
+    """Where ``torch.save`` puts the members of a state dict's archive."""
+
+    def __init__(self, small: bytes, count: int) -> None:
+        archive = zipfile.ZipFile(io.BytesIO(small))
+        infos = archive.infolist()
+        storage_prefix = infos[0].filename.rsplit("/", 1)[0] + "/data/"
+        storages = {
+            int(i.filename[len(storage_prefix) :]): i
+            for i in infos
+            if i.filename.startswith(storage_prefix)
+        }
+        self.first = [storages[k].header_offset for k in range(count)]
+        self.small_sizes = [storages[k].file_size for k in range(count)]
+        first_storage = self.first[0] if count else len(small)
+        self.small_members = [
+            (i.header_offset, i.file_size)
+            for i in infos
+            if i.header_offset < first_storage and i.filename.endswith(("/data.pkl", "/byteorder"))
+        ]
+        """``data.pkl`` and ``byteorder``: the members the reader reads whole."""
+        self.cd_size = sum(46 + len(i.filename) + len(i.extra) + len(i.comment) for i in infos)
+
+    def storage_header(self, index: int, state: dict[str, torch.Tensor]) -> int:
+        """The local header offset of storage ``index`` in the real archive."""
+        tensors = list(state.values())
+        grown = sum(_nbytes(tensors[k]) - self.small_sizes[k] for k in range(index))
+        return self.first[index] + grown
+
+    def end_of_data(self, state: dict[str, torch.Tensor]) -> int:
+        """Where the last storage's bytes end in the real archive."""
+        count = len(self.first)
+        if not count:
+            return 0
+        last = list(state.values())[-1]
+        return self.storage_header(count - 1, state) + LOCAL_HEADER.size + _nbytes(last)
+
+
+def _zip_layout(state: dict[str, torch.Tensor]) -> _ZipLayout:
+    """Save ``state`` with each tensor a one-element storage viewed as its real shape:
+    the pickle (``_metadata`` of a ``state_dict()`` included), member names and directory
+    match the real archive's."""
+    small = collections.OrderedDict((name, _one_element(tensor)) for name, tensor in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        small._metadata = metadata  # type: ignore[attr-defined]
+    buffer = io.BytesIO()
+    torch.save(small, buffer)
+    return _ZipLayout(buffer.getvalue(), len(small))
+
+
+def _one_element(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.dim():
+        return torch.zeros((), dtype=tensor.dtype)
+    return torch.zeros(1, dtype=tensor.dtype).expand(tensor.shape)
+
+
+class _ReadReplay:
+    """Counts the requests and bytes of :class:`zooscan.remote.ranged._Reader` calls
+    (same reuse of held blocks, same merging of nearby spans)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.blocks: list[tuple[int, int]] = []
+        self.requests = 0
+        self.bytes = 0
+
+    def read(self, start: int, end: int) -> None:
+        end = min(end, self.size)
+        pos = start
+        while pos < end:
+            block = next((b for b in self.blocks if b[0] <= pos < b[1]), None)
+            if block is None:
+                break
+            pos = min(end, block[1])
+        if pos < end:
+            self.blocks.append((pos, end))
+            self.requests += 1
+            self.bytes += end - pos
+
+    def prefetch(self, spans: Sequence[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for start, end in sorted((s, min(e, self.size)) for s, e in spans):
+            if any(a <= start and end <= b for a, b in self.blocks):
+                continue
+            if merged and start - merged[-1][1] <= MERGE_GAP:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            self.read(start, end)

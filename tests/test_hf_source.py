@@ -781,3 +781,78 @@ def test_model_types_on_meta(model_type):
     model_state = found.model.state_dict()
     for meta_key, ckpt_key in mapping.items():
         assert saved[ckpt_key].shape == model_state[meta_key].shape
+
+
+# -------------------------------------------------------------------- dry run
+
+
+def _dry_run(store: Path, *names: str) -> dict:
+    args = ["scan", "--source", "hf", *names, "--store", str(store), "--dry-run"]
+    result = CliRunner().invoke(build_cli(), [*args, "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)["fetch"]
+
+
+def _download(env, repo: str, *filenames: str) -> None:
+    from huggingface_hub import hf_hub_download
+
+    for filename in filenames:
+        hf_hub_download(repo, filename, endpoint=env.endpoint, cache_dir=os.environ["HF_HUB_CACHE"])
+
+
+def test_dry_run_makes_no_request_and_reports_the_estimate(env, tmp_path):
+    from zooscan.remote.ranged import HEAD_BLOCK
+
+    fetch = _dry_run(tmp_path / "zoo.h5", "acme/vit-tiny", "acme/convnext-tiny")
+    assert env.requests() == []
+    assert fetch["models"] == 2 and fetch["estimated"] == 2 and fetch["cached"] == 0
+    assert fetch["typical"] == 2  # no config cached: sized as a typical ViT-B/16 layer
+    assert fetch["requests"] == 2 * sum(hf.UNCACHED_REQUESTS.values()) == 16
+    assert fetch["bytes"] == 2 * (HEAD_BLOCK + hf.TYPICAL_LAYER_BYTES)
+    assert hf.TYPICAL_LAYER_BYTES == 768 * 3 * 16 * 16 * 4
+    plan = get_source("hf", {}).plan(next(get_source("hf", {}).list_models(["acme/vit-tiny"])))
+    assert plan["estimated"] is True and env.requests() == []
+    assert not (tmp_path / "zoo.h5").exists()
+
+
+def test_dry_run_uses_the_cached_config_and_weights(env, checkpoints, tmp_path):
+    """config.json cached: the first layer's real size; weights cached too: cached.
+    Checked against what loading then really costs (loopback server's log), with 4 MB
+    stored ahead of the layer so that it lies past the first block, as in real models."""
+    from safetensors.torch import save_file
+
+    from zooscan.remote.ranged import HEAD_BLOCK
+
+    padded = tmp_path / "padded"
+    shutil.copytree(checkpoints["convnext"], padded)
+    with safe_open(str(padded / "model.safetensors"), "pt") as fh:
+        names = list(fh.keys())
+        state = {k: fh.get_tensor(k) for k in names}
+    state["aa_padding.weight"] = torch.zeros(1_000_000)  # sorted first: stored first
+    save_file(state, str(padded / "model.safetensors"), metadata={"format": "pt"})
+    env.add_repo("acme/convnext-padded", _files(padded))
+    _download(env, "acme/convnext-padded", "config.json", "preprocessor_config.json")
+    _download(env, "acme/vit-tiny", "config.json", "preprocessor_config.json", "model.safetensors")
+    env.reset_log()
+    source = get_source("hf", {})
+    refs = {r.name: r for r in source.list_models(["acme/vit-tiny", "acme/convnext-padded"])}
+    convnext = source.plan(refs["acme/convnext-padded"])
+    vit = source.plan(refs["acme/vit-tiny"])
+    assert env.requests() == []
+    assert vit == {"requests": 0, "bytes": 0, "cached": True, "estimated": False}
+    patch = 8 * 3 * 4 * 4 * 4  # ConvNeXt stem: 8 filters of 3x4x4, float32
+    # config HEAD, model info, model.safetensors HEAD, first block, the layer's range
+    assert convnext == {
+        "requests": 5,
+        "bytes": HEAD_BLOCK + patch,
+        "cached": False,
+        "estimated": False,
+    }
+    fetch = _dry_run(tmp_path / "zoo.h5", "acme/vit-tiny", "acme/convnext-padded")
+    assert fetch["cached"] == 1 and fetch["requests"] == 5 and env.requests() == []
+    layer = source.load_first_layer(refs["acme/convnext-padded"])
+    env.settle()
+    assert layer.weight.nbytes == patch
+    assert len(env.requests()) == layer.metadata["requests"] == convnext["requests"]
+    weights_bytes = env.body_bytes_sent(path="*/model.safetensors")
+    assert weights_bytes == pytest.approx(convnext["bytes"], rel=0.10)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import json
 import math
 import socket
 import threading
@@ -22,6 +23,7 @@ from zooscan_builtins import torchvision_source as tv
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.plugins import get_source
 from zooscan.records import ModelRef
+from zooscan.remote.ranged import HEAD_BLOCK, TAIL_BLOCK
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -345,24 +347,91 @@ def test_every_supported_builder_builds_on_meta_and_has_a_first_layer():
     assert not failures, "\n".join(failures)
 
 
-def test_uncached_weights_are_fetched_by_ranged_requests(torch_home, tmp_path, monkeypatch):
-    """Not in TORCH_HOME: only the first layer's bytes travel (loopback server's counter),
-    nothing is written to the cache, and the tensor is bit-identical."""
-    from hub_server import HubServer
-
-    weights = get_model_weights("resnet50").DEFAULT
+@pytest.fixture(scope="module")
+def resnet50_blob(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A real ``torch.save`` of a (seeded, random) resnet50 state dict."""
     torch.manual_seed(3)
     state = torchvision.models.resnet50().state_dict()
-    blob = tmp_path / "served.pth"
+    blob = tmp_path_factory.mktemp("served") / "served.pth"
     torch.save(state, blob)
+    return blob, state
+
+
+def test_uncached_weights_are_fetched_by_ranged_requests(torch_home, resnet50_blob, monkeypatch):
+    """Not in TORCH_HOME: only the first layer's bytes travel (loopback server's counter),
+    nothing is written to the cache, and the tensor is bit-identical; the dry-run
+    estimate matches what the fetch really cost."""
+    from hub_server import HubServer
+
+    blob, state = resnet50_blob
+    weights = get_model_weights("resnet50").DEFAULT
+    ref = ModelRef("torchvision", "resnet50")
     with HubServer() as hub:
         hub.add_url("/models/" + Path(weights.url).name, blob)
         monkeypatch.setenv(tv.URL_BASE_ENV, hub.endpoint + "/models/")
-        layer = _source().load_first_layer(ModelRef("torchvision", "resnet50"))
+        planned = _source().plan(ref)
+        assert hub.requests() == []  # planning makes no request
+        layer = _source().load_first_layer(ref)
+        hub.settle()
         sent = hub.bytes_sent()
+        body = hub.body_bytes_sent()
+        requests = hub.requests()
     np.testing.assert_array_equal(layer.weight, state["conv1.weight"].numpy())
     tensor_bytes = state["conv1.weight"].numel() * 4
     assert layer.provenance.bytes_fetched <= tensor_bytes + 150_000
     assert sent <= tensor_bytes + 150_000 < blob.stat().st_size / 100
     assert layer.provenance.sha256 == _sha(state["conv1.weight"].numpy().tobytes())
     assert not tv.cache_path(weights.url).exists()
+    # HEAD, head block, tail block (central directory), conv1's storage past the head
+    assert [r.method for r in requests] == ["HEAD", "GET", "GET", "GET"]
+    assert planned["cached"] is False and planned["requests"] == len(requests)
+    assert planned["bytes"] == pytest.approx(body, rel=0.10)
+
+
+# ------------------------------------------------------------------------ dry run
+
+
+def _dry_run(store: Path, *args: str) -> dict:
+    from click.testing import CliRunner
+
+    from zooscan.cli import build_cli
+
+    argv = ["scan", "--source", "torchvision", *args, "--store", str(store)]
+    result = CliRunner().invoke(build_cli(), [*argv, "--dry-run", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_dry_run_reports_cache_requests_and_bytes_without_network(torch_home, tmp_path):
+    """resnet18 seeded in TORCH_HOME is cached; resnet50 would take the ranged fetch
+    (HEAD + head block + tail block + the rest of conv1); nothing is contacted (the URL
+    base is a closed port) and nothing is written."""
+    _seed_cache("resnet18", {"conv1.weight": torch.zeros(64, 3, 7, 7)})
+    store = tmp_path / "zoo.h5"
+    started = time.monotonic()
+    report = _dry_run(store, "resnet18", "resnet50")
+    assert time.monotonic() - started < 20
+    fetch = report["fetch"]
+    assert report["to_scan"] == ["resnet18", "resnet50"] and not store.exists()
+    assert fetch["models"] == 2 and fetch["estimated"] == 2 and fetch["errors"] == []
+    assert fetch["cached"] == 1 and fetch["requests"] == 4
+    conv1 = 64 * 3 * 7 * 7 * 4
+    blocks = HEAD_BLOCK + TAIL_BLOCK
+    assert blocks < fetch["bytes"] < blocks + conv1
+    assert fetch == _dry_run(store, "resnet50")["fetch"] | {
+        "models": 2,
+        "estimated": 2,
+        "cached": 1,
+    }
+    assert not tv.cache_path(get_model_weights("resnet50").DEFAULT.url).exists()
+
+
+def test_dry_run_full_fetch_and_random_init(tmp_path):
+    store = tmp_path / "zoo.h5"
+    full = _dry_run(store, "resnet50", "-o", "fetch=full")["fetch"]
+    mib = get_model_weights("resnet50").DEFAULT.meta["_file_size"]
+    assert full["requests"] == 1 and full["cached"] == 0
+    assert full["bytes"] == round(mib * 2**20)
+    random = _dry_run(store, "resnet*", "--weights", "none")["fetch"]
+    assert random["models"] > 3 and random["cached"] == random["models"]
+    assert random["requests"] == 0 and random["bytes"] == 0

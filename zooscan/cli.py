@@ -265,6 +265,12 @@ def scan_cmd(
                 click.echo(
                     f"fetching them: about {estimate.requests} requests and "
                     f"{estimate.bytes / 1e6:.2f} MB; {estimate.cached} already cached"
+                    + (
+                        f" ({estimate.typical} sized as a typical model: their configs are not "
+                        "cached)"
+                        if estimate.typical
+                        else ""
+                    )
                 )
             for name, message in estimate.errors:
                 click.echo(f"  cannot estimate {name}: {message}")

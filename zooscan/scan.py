@@ -175,6 +175,8 @@ class FetchEstimate:
     requests: int = 0
     bytes: int = 0
     cached: int = 0
+    typical: int = 0
+    """Models whose bytes are a typical size, not their own (the source could not know)."""
     errors: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -185,6 +187,7 @@ class FetchEstimate:
             "requests": self.requests,
             "bytes": self.bytes,
             "cached": self.cached,
+            "typical": self.typical,
             "errors": [{"name": n, "message": m} for n, m in self.errors],
         }
 
@@ -192,7 +195,8 @@ class FetchEstimate:
 def estimate_fetch(source: Source, refs: Sequence[ModelRef]) -> FetchEstimate:
     """Ask the source what fetching each model would take, without network access.
 
-    Sources may implement ``plan(ref) -> {"requests": int, "bytes": int, "cached": bool}``.
+    Sources may implement ``plan(ref) -> {"requests": int, "bytes": int, "cached": bool}``,
+    with ``"estimated": True`` when the bytes are a typical size rather than the model's own.
     """
     estimate = FetchEstimate(models=len(refs))
     plan = getattr(source, "plan", None)
@@ -205,6 +209,8 @@ def estimate_fetch(source: Source, refs: Sequence[ModelRef]) -> FetchEstimate:
             estimate.errors.append((ref.name, f"{type(exc).__name__}: {exc}"))
             continue
         estimate.estimated += 1
+        if cost.get("estimated"):
+            estimate.typical += 1
         if cost.get("cached"):
             estimate.cached += 1
         else:
