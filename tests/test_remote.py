@@ -291,6 +291,30 @@ def test_resolve_errors_are_clear(hub, client, r18_files):
         stranger.resolve("org/gated", "model.safetensors")
 
 
+def test_not_found_carries_the_hubs_error_code(hub, client, r18_files):
+    import pickle
+
+    hub.add_repo("org/r18", {"model.safetensors": r18_files["model.safetensors"]})
+    hub.add_repo("org/gated", {"model.safetensors": r18_files["model.safetensors"]}, gated=True)
+    cases = [
+        (("org/nope", "model.safetensors", None), HubNotFound, "RepoNotFound"),
+        (("org/r18", "pytorch_model.bin", None), HubNotFound, "EntryNotFound"),
+        (("org/r18", "model.safetensors", "v9"), HubNotFound, "RevisionNotFound"),
+        (("org/gated", "model.safetensors", None), HubAccessDenied, "GatedRepo"),
+    ]
+    for (repo, filename, revision), error, code in cases:
+        hub.reset_log()
+        with pytest.raises(error) as info:
+            client.resolve(repo, filename, revision=revision)
+        assert info.value.code == code
+        assert len(hub.requests()) == 1  # a refusal is final: no retry
+        again = pickle.loads(pickle.dumps(info.value))  # scan workers may be processes
+        assert (type(again), str(again), again.code) == (error, str(info.value), code)
+    with pytest.raises(HubNotFound) as info:  # a plain 404 (no X-Error-Code)
+        client.url_file(f"{hub.endpoint}/no/such/url.pth")
+    assert info.value.code is None
+
+
 def test_token_goes_to_the_hub_only_never_to_the_cdn(hub, r18_files, monkeypatch):
     hub.add_repo("org/private", r18_files, private=True)
     monkeypatch.setenv("HF_TOKEN", hub.token)

@@ -8,6 +8,7 @@ names of their pretrained_cfg, and scan them with the real CLI through ``HF_ENDP
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -215,6 +216,90 @@ def test_build_keeps_pretrained_only_architecture_changes():
     assert timm.create_model("fbnetc_100", pretrained=False).bn1.eps == pytest.approx(1e-5)
 
 
+def _fingerprint(ident: ts.Identified) -> tuple:
+    """Everything a scan takes from an identification, with a kernel materialised from
+    fixed values (so the layer's arithmetic is compared, not just its names)."""
+    shapes = ident.parameter_shapes()
+    values = {n: np.arange(np.prod(s), dtype=np.float32).reshape(s) % 7 for n, s in shapes.items()}
+    kernel, flags = ident.spec.materialize(values)
+    return (
+        ident.tag, ident.cfg, ident.spec.module, ident.spec.parameter_names, shapes,
+        ident.parameter_nbytes(), ident.first_conv, ident.first_conv_check, ident.filter_fn,
+        ident.metadata(), kernel.tobytes(), sorted(flags),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tag", ["resnet50.a1_in1k", "vit_small_patch16_224.augreg_in21k"])
+def test_skipping_meta_init_builds_the_same_architecture(tag, monkeypatch):
+    """Weight initialisation skipped on meta changes no parameter or buffer (name,
+    shape, dtype, stride) and no identification result."""
+    fast, _ = ts.build_meta_model(tag)
+    fast_ident = _fingerprint(ts.identify(tag))
+    monkeypatch.setattr(ts, "_INIT_OPS", frozenset())  # every init op runs on meta
+    slow, _ = ts.build_meta_model(tag)
+
+    def layout(model):
+        return [(k, v.shape, v.dtype, v.stride()) for k, v in model.state_dict().items()]
+
+    assert layout(fast) == layout(slow)
+    assert fast_ident == _fingerprint(ts.identify(tag))
+
+
+def test_skip_meta_init_leaves_real_tensors_alone():
+    real = torch.zeros(4)
+    with ts.SkipMetaInit():
+        real.add_(1.0)
+        meta = torch.zeros(4, device="meta").add_(1.0)
+        torch.nn.init.normal_(real, mean=5.0, std=0.0)
+    assert real.tolist() == [5.0] * 4 and meta.is_meta and meta.shape == (4,)
+
+
+def test_tags_sharing_a_build_key_share_one_build(monkeypatch):
+    """Tags of one architecture and build-relevant pretrained_cfg are built once; each
+    gets its own pretrained_cfg, and every result equals a fresh identification."""
+    builds = []
+    build = ts.build_meta_model
+    monkeypatch.setattr(ts, "build_meta_model", lambda tag: builds.append(tag) or build(tag))
+    source = ts.TimmSource({})
+    tags = ["resnet50.a1_in1k", "resnet50.a2_in1k", "resnet50.tv_in1k", "resnet50.bamboo"]
+    idents = {}
+
+    def work(tag):
+        idents[tag] = source.identify(tag)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in tags[:2] * 3 + tags[2:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    keys = {t: ts.build_key(t, ts.pretrained_cfg(t)) for t in tags}
+    # tv_in1k differs in weights location, crop and interpolation only: shared;
+    # bamboo has no classifier (num_classes 0): built on its own.
+    assert keys["resnet50.a1_in1k"] == keys["resnet50.a2_in1k"] == keys["resnet50.tv_in1k"]
+    assert len(set(keys.values())) == len(builds) == 2
+    assert idents["resnet50.bamboo"].model.fc.__class__ is not torch.nn.Linear
+    assert idents["resnet50.a2_in1k"].model is idents["resnet50.a1_in1k"].model
+    assert idents["resnet50.a2_in1k"].cfg["tag"] == "a2_in1k"
+    assert source.identify("resnet50.a2_in1k").cfg["hf_hub_id"] == "timm/resnet50.a2_in1k"
+    for tag in tags:
+        assert _fingerprint(idents[tag]) == _fingerprint(ts.identify(tag))
+    # A build whose builder altered the pretrained_cfg is never lent to another tag.
+    altered = dataclasses.replace(idents["resnet50.a1_in1k"], cfg_from_registry=False)
+    own = altered.for_tag("resnet50.a2_in1k", ts.pretrained_cfg("resnet50.a2_in1k"))
+    assert own.model is not altered.model and own.tag == "resnet50.a2_in1k"
+
+
+def test_build_key_keeps_tags_apart_when_the_builder_reads_them():
+    """inception_v3's builder looks at its tag (``tv_in1k`` loads non-strictly): its
+    module reads the tag, so each tag is built on its own."""
+    tv, tf = "inception_v3.tv_in1k", "inception_v3.tf_in1k"
+    assert ts._reads_tag("inception_v3") and not ts._reads_tag("resnet50")
+    assert ts.build_key(tv, ts.pretrained_cfg(tv)) != ts.build_key(tf, ts.pretrained_cfg(tf))
+    source = ts.TimmSource({})
+    assert source.identify(tv).model is not source.identify(tf).model
+    assert _fingerprint(source.identify(tf)) == _fingerprint(ts.identify(tf))
+
+
 # ------------------------------------------------------------ weight location
 
 
@@ -348,6 +433,17 @@ def test_scan_stores_three_and_records_the_missing_repo(zoo):
     assert [f["name"] for f in failures] == [EFFNET]
     assert "not found" in failures[0]["message"]
     assert f"timm/{EFFNET}" in failures[0]["message"]
+    # A missing repository (RepoNotFound) ends the search after one HEAD; a missing
+    # file (EntryNotFound) goes on to the next candidate, as timm does.
+    missing = [r for r in zoo["log"] if r.repo == get_pretrained_cfg(EFFNET).hf_hub_id]
+    assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in missing] == [
+        ("HEAD", "model.safetensors")
+    ]
+    resnet = get_pretrained_cfg(RESNET).hf_hub_id
+    heads = [
+        r.path.rsplit("/", 1)[-1] for r in zoo["log"] if r.repo == resnet and r.method == "HEAD"
+    ]
+    assert heads == ["model.safetensors", "pytorch_model.bin"]
 
 
 @pytest.mark.parametrize(

@@ -86,13 +86,28 @@ _PACE_BELOW = 10
 # ------------------------------------------------------------------------------ errors
 
 
-class HubNotFound(CheckpointError):
+class _HubError(CheckpointError):
+    """A refusal from the hub, with its ``X-Error-Code`` when it sent one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The hub's ``X-Error-Code`` (``RepoNotFound``, ``EntryNotFound``,
+        ``RevisionNotFound``, ``GatedRepo``...), or ``None`` when it sent none."""
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep ``code`` across processes
+        return (type(self), (str(self), self.code))
+
+
+class HubNotFound(_HubError):
     """The repository, revision or file does not exist (or is private and no token
-    grants access)."""
+    grants access). :attr:`code` is the hub's ``X-Error-Code`` (``RepoNotFound``,
+    ``EntryNotFound``, ``RevisionNotFound``), ``None`` when absent."""
 
 
-class HubAccessDenied(CheckpointError):
-    """The hub refuses access: a gated repository, a bad token, or no permission."""
+class HubAccessDenied(_HubError):
+    """The hub refuses access: a gated repository, a bad token, or no permission.
+    :attr:`code` is the hub's ``X-Error-Code`` (``GatedRepo``...), ``None`` when absent."""
 
 
 class HubUnavailable(CheckpointError):
@@ -752,7 +767,7 @@ class HubClient:
         """Turn a final error response into one clear :class:`CheckpointError`."""
         if resp.status < 400:
             return
-        code = resp.header("X-Error-Code") or ""
+        code = resp.header("X-Error-Code") or None
         server_message = resp.header("X-Error-Message") or ""
         what = _describe(context)
         repo = context.get("repo")
@@ -760,20 +775,23 @@ class HubClient:
         if code == "GatedRepo":
             raise HubAccessDenied(
                 f"{what}: {repo or 'the repository'} is gated: accept its conditions on the hub "
-                f"page and use a token with access (HF_TOKEN)"
+                f"page and use a token with access (HF_TOKEN)",
+                code,
             )
         if code == "EntryNotFound":
-            raise HubNotFound(f"{what}: no such file in {repo or 'the repository'}")
+            raise HubNotFound(f"{what}: no such file in {repo or 'the repository'}", code)
         if code == "RevisionNotFound":
-            raise HubNotFound(f"{what}: revision {context.get('revision')!r} not found in {repo}")
+            raise HubNotFound(
+                f"{what}: revision {context.get('revision')!r} not found in {repo}", code
+            )
         if code == "RepoNotFound" or (resp.status == 401 and repo):
             name = f"repository {repo}" if repo else "repository"
-            raise HubNotFound(f"{what}: {name} not found on {self.endpoint}{hint}")
+            raise HubNotFound(f"{what}: {name} not found on {self.endpoint}{hint}", code)
         if resp.status in (401, 403):
             detail = f": {server_message}" if server_message else ""
-            raise HubAccessDenied(f"{what}: access denied (HTTP {resp.status}){detail}{hint}")
+            raise HubAccessDenied(f"{what}: access denied (HTTP {resp.status}){detail}{hint}", code)
         if resp.status == 404:
-            raise HubNotFound(f"{what}: not found (HTTP 404)")
+            raise HubNotFound(f"{what}: not found (HTTP 404)", code)
         if resp.status == 416:
             raise CheckpointError(
                 f"{what}: range not satisfiable (file has {resp.header('Content-Range')})"
