@@ -61,7 +61,7 @@ from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserEr
 from zooscan.layers import LayerSpec, build_on_meta, find_first_layer
 from zooscan.records import FirstLayer, ModelRef, Provenance, check_options
 from zooscan.remote import HubClient, fetch_tensors
-from zooscan.remote.ranged import HEAD_BLOCK, HEADER_SLACK, MERGE_GAP, TAIL_BLOCK
+from zooscan.remote.ranged import HEAD_BLOCK, HEADER_SLACK, TAIL_BLOCK, merge_spans
 from zooscan.remote.zipdir import LOCAL_HEADER
 
 URL_BASE_ENV = "ZOOSCAN_TORCHVISION_URL_BASE"
@@ -681,13 +681,8 @@ class _ReadReplay:
             self.bytes += end - pos
 
     def prefetch(self, spans: Sequence[tuple[int, int]]) -> None:
-        merged: list[list[int]] = []
-        for start, end in sorted((s, min(e, self.size)) for s, e in spans):
-            if any(a <= start and end <= b for a, b in self.blocks):
-                continue
-            if merged and start - merged[-1][1] <= MERGE_GAP:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        for start, end in merged:
+        for start, end in merge_spans(spans, self.size, self._covered):
             self.read(start, end)
+
+    def _covered(self, start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in self.blocks)

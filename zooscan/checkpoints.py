@@ -385,22 +385,33 @@ def _missing_key_message(available: Sequence[str], wanted: str, target: str) -> 
 def _safetensors_header(p: Path) -> tuple[dict[str, Any], int]:
     size = p.stat().st_size
     with open(p, "rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) < 8:
-            raise CheckpointError(f"{p}: truncated safetensors file (no header length)")
-        (n,) = struct.unpack("<Q", raw_len)
-        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise CheckpointError(
-                f"{p}: corrupt safetensors header (claims {n} bytes, file has {size})"
-            )
-        raw = fh.read(n)
+        n = safetensors_header_length(fh.read(8), size, str(p))
+        header = decode_safetensors_header(fh.read(n), str(p))
+    return header, 8 + n
+
+
+def safetensors_header_length(first8: bytes, size: int, where: str) -> int:
+    """The header length a safetensors file of ``size`` bytes declares in its first 8
+    bytes, checked to fit in the file and under the format's limit."""
+    if len(first8) < 8:
+        raise CheckpointError(f"{where}: truncated safetensors file (no header length)")
+    (n,) = struct.unpack("<Q", first8)
+    if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise CheckpointError(
+            f"{where}: corrupt safetensors header (claims {n} bytes, file has {size})"
+        )
+    return n
+
+
+def decode_safetensors_header(raw: bytes, where: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file (a corrupt one is a :class:`CheckpointError`)."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p}: corrupt safetensors header ({exc})") from exc
+        raise CheckpointError(f"{where}: corrupt safetensors header ({exc})") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{p}: corrupt safetensors header (not a JSON object)")
-    return header, 8 + n
+        raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
+    return header
 
 
 def _safetensors_index(p: Path) -> list[TensorInfo]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -71,7 +70,6 @@ HEADER_SLACK = 256
 """Bytes allowed for a zip local header's name and extra field (torch pads to 64)."""
 NPY_HEADER_READ = 4096
 """Bytes read from the start of an npz member to parse its ``.npy`` header."""
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _MAX_INDEX_FILE = 64 * 1024 * 1024
 
 
@@ -208,15 +206,7 @@ class _Reader:
 
     def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
         """Fetch ``spans`` with nearby ones merged into one request each."""
-        merged: list[list[int]] = []
-        for start, end in sorted((s, min(e, self.size)) for s, e in spans):
-            if self._covered(start, end):
-                continue
-            if merged and start - merged[-1][1] <= MERGE_GAP:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        for start, end in merged:
+        for start, end in merge_spans(spans, self.size, self._covered):
             self.read(start, end)
 
     def _covered(self, start: int, end: int) -> bool:
@@ -253,6 +243,22 @@ class _Index:
 
     def close(self) -> None:
         """Release temporary files."""
+
+
+def merge_spans(
+    spans: Iterable[tuple[int, int]], size: int, covered: Callable[[int, int], bool]
+) -> list[tuple[int, int]]:
+    """The reads that fetch ``spans``: clipped to ``size``, those ``covered`` by bytes
+    already held left out, and spans less than :data:`MERGE_GAP` apart merged."""
+    merged: list[list[int]] = []
+    for start, end in sorted((s, min(e, size)) for s, e in spans):
+        if covered(start, end):
+            continue
+        if merged and start - merged[-1][1] <= MERGE_GAP:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
 
 
 class _NeedWholeFile(Exception):
@@ -294,19 +300,8 @@ class _SafetensorsIndex(_Index):
         super().__init__()
         self.reader = reader
         f = reader.f
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > min(reader.size - 8, _MAX_SAFETENSORS_HEADER):
-            raise CheckpointError(
-                f"{f.display}: corrupt safetensors header (claims {n} bytes, file has "
-                f"{reader.size})"
-            )
-        raw = reader.read(8, 8 + n)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{f.display}: corrupt safetensors header ({exc})") from exc
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{f.display}: corrupt safetensors header (not an object)")
+        n = checkpoints.safetensors_header_length(head[:8], reader.size, f.display)
+        header = checkpoints.decode_safetensors_header(reader.read(8, 8 + n), f.display)
         self._infos = checkpoints.safetensors_infos(header, 8 + n, reader.size, f.display)
         self._by_key = {info.key: info for info in self._infos}
         self.keys = [info.key for info in self._infos]
