@@ -32,6 +32,7 @@ def _write_checkpoint(builder_name: str) -> Path:
     """Save a randomly initialised model's state dict where torchvision caches it."""
     import torch
     from torchvision.models import get_model_builder, get_model_weights
+
     from zooscan_builtins.torchvision_source import cache_path
 
     path = cache_path(get_model_weights(builder_name).DEFAULT.url)
@@ -53,6 +54,7 @@ def _paper(builder_name: str):
     """Instantiate the full model, load the whole state dict, take the first layer."""
     import torch
     from torchvision.models import get_model_builder, get_model_weights
+
     from zooscan_builtins.torchvision_source import build_kwargs, cache_path
 
     weights = get_model_weights(builder_name).DEFAULT
@@ -100,6 +102,7 @@ def _measure(method: str, builder_name: str, torch_home: str, queue) -> None:
     os.environ["TORCH_HOME"] = torch_home
     import torch  # noqa: F401  (imports are not part of the measurement)
     import torchvision  # noqa: F401
+
     import zooscan_builtins.torchvision_source  # noqa: F401
 
     with _PeakRss() as rss:

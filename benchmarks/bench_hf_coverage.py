@@ -78,9 +78,9 @@ def _reason(exc: BaseException, model_type: str) -> str:
 def check_type(model_type: str, checkpoint_class: str) -> dict[str, Any]:
     """Run steps 1-4 of the module docstring for one model type."""
     import torch
-    from zooscan_builtins import hf_source as hf
 
     from zooscan.layers import build_on_meta
+    from zooscan_builtins import hf_source as hf
 
     start = time.perf_counter()
     row: dict[str, Any] = {"model_type": model_type, "checkpoint_class": checkpoint_class}

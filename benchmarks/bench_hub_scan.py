@@ -151,6 +151,7 @@ def ordered_candidates(n: int) -> list[str]:
     ``k``-th of the sorted tags, ``k = eligible // n``, so families appear in proportion
     to their size), then the tags between them as replacements for skipped ones."""
     import timm
+
     from zooscan_builtins import timm_source as ts
 
     eligible = []

@@ -52,6 +52,7 @@ def _reason(exc: BaseException) -> str:
 def _check_group(tags: list[str]) -> list[dict[str, Any]]:
     """Identify the group's first tag, then check every tag's first_conv against it."""
     import torch
+
     from zooscan_builtins import timm_source as ts
 
     torch.set_num_threads(1)

@@ -17,6 +17,18 @@ needs and refuses everything else. Files that differ from the official release
 (MD5) still load, with a warning, and the dataset key then carries their hash
 (``cifar10:train#<hash>``) so bases computed from them are never mistaken for
 bases of the real CIFAR.
+
+Labelled splits (``dataset.labelled(split, size=None, count=None)``, for the
+trainer): ``train`` is ``data_batch_1`` ... ``data_batch_5`` (CIFAR-100:
+``train``), ``test`` is ``test_batch`` (``test``), whichever split the dataset was
+opened with. Labels are the batches' ``labels`` (CIFAR-100: ``fine_labels``),
+class names the meta file's ``label_names`` in ``batches.meta`` (``fine_label_names``
+in ``meta``), all read with the same restricted unpickler. ``count`` keeps the
+first ``count`` images dealt round robin over the classes (a class-balanced subset,
+kept in file order); ``size`` other than 32 resizes (bilinear, antialiased). The
+key of the whole 32x32 split is its dataset key (``cifar10:train``), the images
+being exactly those the patch dataset gives; other requests append
+``:size=S,count=N``.
 """
 
 from __future__ import annotations
@@ -39,6 +51,14 @@ import numpy as np
 
 import zooscan
 from zooscan.errors import DatasetError
+from zooscan.records import LabelledImages
+from zooscan_builtins.image_datasets import (
+    balanced_subset,
+    check_labelled_bytes,
+    check_split,
+    positive_int,
+    resize_square,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +89,13 @@ class CifarSpec:
     train: tuple[tuple[str, str], ...]
     """``(file name, md5)`` of the train batches."""
     test: tuple[tuple[str, str], ...]
+    meta: tuple[str, str] = ("batches.meta", "label_names")
+    """``(file name, key)`` of the class names."""
+    label_key: str = "labels"
+    """The key of the labels in a batch (``labels``; ``fine_labels`` for CIFAR-100)."""
 
 
-def _spec_from_torchvision(name: str, cls_name: str) -> CifarSpec:
+def _spec_from_torchvision(name: str, cls_name: str, label_key: str) -> CifarSpec:
     from torchvision import datasets
 
     cls = getattr(datasets, cls_name)
@@ -83,12 +107,14 @@ def _spec_from_torchvision(name: str, cls_name: str) -> CifarSpec:
         archive_md5=cls.tgz_md5,
         train=tuple((f, md5) for f, md5 in cls.train_list),
         test=tuple((f, md5) for f, md5 in cls.test_list),
+        meta=(cls.meta["filename"], cls.meta["key"]),
+        label_key=label_key,
     )
 
 
 SPECS: dict[str, CifarSpec] = {
-    "cifar10": _spec_from_torchvision("cifar10", "CIFAR10"),
-    "cifar100": _spec_from_torchvision("cifar100", "CIFAR100"),
+    "cifar10": _spec_from_torchvision("cifar10", "CIFAR10", "labels"),
+    "cifar100": _spec_from_torchvision("cifar100", "CIFAR100", "fine_labels"),
 }
 
 
@@ -112,6 +138,7 @@ class _CifarDataset:
         self.spec = SPECS[self.name]
         self.root = data_root()
         self.folder = self.root / self.spec.folder
+        self._keys: dict[str, str] = {}
         if not self._present():
             _download(self.spec, self.root)
             if not self._present():
@@ -125,7 +152,10 @@ class _CifarDataset:
 
     @property
     def _files(self) -> tuple[tuple[str, str], ...]:
-        return self.spec.train if self.split == "train" else self.spec.test
+        return self._split_files(self.split)
+
+    def _split_files(self, split: str) -> tuple[tuple[str, str], ...]:
+        return self.spec.train if split == "train" else self.spec.test
 
     def _present(self) -> bool:
         return all((self.folder / name).is_file() for name, _ in self._files)
@@ -133,8 +163,17 @@ class _CifarDataset:
     @cached_property
     def key(self) -> str:
         """``cifar10:train`` for the official files, ``cifar10:train#<hash>`` otherwise."""
-        digests = [(name, _md5(self.folder / name), md5) for name, md5 in self._files]
-        base = f"{self.name}:{self.split}"
+        return self._split_key(self.split)
+
+    def _split_key(self, split: str) -> str:
+        if split not in self._keys:
+            self._keys[split] = self._compute_key(split)
+        return self._keys[split]
+
+    def _compute_key(self, split: str) -> str:
+        files = self._split_files(split)
+        digests = [(name, _md5(self.folder / name), md5) for name, md5 in files]
+        base = f"{self.name}:{split}"
         if all(actual == expected for _, actual, expected in digests):
             return base
         changed = ", ".join(name for name, actual, expected in digests if actual != expected)
@@ -162,6 +201,62 @@ class _CifarDataset:
                     yield np.clip(luma, 0.0, 1.0).astype(np.float32)[:, None]
                 else:
                     yield rgb
+
+    def labelled(
+        self, split: str, *, size: int | None = None, count: int | None = None
+    ) -> LabelledImages:
+        """One split (``train``: the five data batches / ``train``; ``test``) with its labels.
+
+        Labels come from the batches (``labels``; CIFAR-100: ``fine_labels``), class
+        names from the meta file (``label_names``; ``fine_label_names``). ``count``
+        keeps a class-balanced subset (:func:`balanced_subset`) in file order; ``size``
+        other than 32 resizes (bilinear, antialiased). The key is the split's dataset
+        key (``cifar10:train``, with ``#<hash>`` for unofficial files) when all
+        32x32 images are given, so the training images share the scanned basis, and
+        gets ``:size=S,count=N`` otherwise.
+        """
+        split = check_split(self.name, split)
+        size = 32 if size is None else positive_int(self.name, "size", size)
+        if count is not None:
+            count = positive_int(self.name, "count", count)
+        names = [name for name, _ in self._split_files(split)]
+        missing = [
+            name for name in [*names, self.spec.meta[0]] if not (self.folder / name).is_file()
+        ]
+        if missing:
+            raise DatasetError(f"{self.name}: {', '.join(missing)} missing in {self.folder}")
+        classes = read_class_names(self.folder / self.spec.meta[0], self.spec.meta[1])
+        parts = [read_labelled_batch(self.folder / name, self.spec.label_key) for name in names]
+        images = np.concatenate([batch for batch, _ in parts])
+        labels = np.concatenate([batch_labels for _, batch_labels in parts])
+        if labels.size and labels.max() >= len(classes):
+            raise DatasetError(
+                f"{self.name}: label {labels.max()} but {self.spec.meta[0]} names "
+                f"{len(classes)} classes"
+            )
+        key = self._split_key(split)
+        if count is not None or size != 32:
+            chosen = (
+                np.arange(len(labels))
+                if count is None
+                else balanced_subset(labels, count, self.name)
+            )
+            check_labelled_bytes(self.name, len(chosen), size)
+            images, labels = images[chosen], labels[chosen]
+            if size != 32:
+                images = _resize(images, size)
+            key = f"{key}:size={size},count={len(chosen)}"
+        return LabelledImages(images, labels, classes, key)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(n, 3, 32, 32)`` resized to ``size`` x ``size``, in chunks."""
+    return np.concatenate(
+        [
+            resize_square(images[start : start + IMAGES_PER_BATCH].astype(np.float32) / 255.0, size)
+            for start in range(0, len(images), IMAGES_PER_BATCH)
+        ]
+    )
 
 
 class Cifar10Dataset(_CifarDataset):
@@ -219,18 +314,60 @@ class _ArrayUnpickler(pickle.Unpickler):
         return factory()
 
 
+def _unpickle(path: Path, what: str) -> dict:
+    """The dict pickled in ``path`` (numpy arrays and plain containers only)."""
+    try:
+        with open(path, "rb") as handle:
+            entry = _ArrayUnpickler(handle, encoding="latin1").load()
+    except Exception as exc:  # a corrupt or hostile pickle can fail in many ways
+        raise DatasetError(f"cannot read CIFAR {what} {path}: {exc}") from exc
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path} is not a CIFAR {what} (no dict inside)")
+    return entry
+
+
+def _field(entry: dict, name: str) -> Any:
+    """``entry[name]`` whether the pickle stored the key as text or as bytes."""
+    return entry.get(name, entry.get(name.encode()))
+
+
 def read_batch(path: Path) -> np.ndarray:
     """The images of one CIFAR python batch file, uint8 ``(n, 3, 32, 32)`` RGB.
 
     Raises :class:`DatasetError` if the file is not such a batch (or asks the
     unpickler for anything but numpy arrays).
     """
+    return _batch_images(path, _unpickle(path, "batch"))
+
+
+def read_labelled_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (as :func:`read_batch`) and int64 labels (``entry[label_key]``) of a batch."""
+    entry = _unpickle(path, "batch")
+    images = _batch_images(path, entry)
+    raw = _field(entry, label_key)
     try:
-        with open(path, "rb") as handle:
-            entry = _ArrayUnpickler(handle, encoding="latin1").load()
-    except Exception as exc:  # a corrupt or hostile pickle can fail in many ways
-        raise DatasetError(f"cannot read CIFAR batch {path}: {exc}") from exc
-    data = entry.get("data", entry.get(b"data")) if isinstance(entry, dict) else None
+        labels = np.asarray(raw if raw is not None else [], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"{path}: {label_key!r} are not integers ({exc})") from exc
+    if labels.shape != (len(images),) or (labels.size and labels.min() < 0):
+        raise DatasetError(
+            f"{path}: expected {len(images)} non-negative {label_key!r}, got "
+            f"{'none' if raw is None else labels.shape}"
+        )
+    return images, labels
+
+
+def read_class_names(path: Path, key: str) -> tuple[str, ...]:
+    """The class names stored under ``key`` in a CIFAR meta file."""
+    raw = _field(_unpickle(path, "meta file"), key)
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise DatasetError(f"{path}: no {key!r} list of class names")
+    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw)
+
+
+def _batch_images(path: Path, entry: dict) -> np.ndarray:
+    """The checked ``data`` array of an unpickled batch, as ``(n, 3, 32, 32)``."""
+    data = _field(entry, "data")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise DatasetError(f"{path} is not a CIFAR batch (no uint8 'data' array)")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:

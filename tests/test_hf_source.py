@@ -18,12 +18,12 @@ import torch
 from click.testing import CliRunner
 from hub_server import HubServer, free_env
 from safetensors import safe_open
-from zooscan_builtins import hf_source as hf
 
 from zooscan.cli import build_cli
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.plugins import get_source
 from zooscan.store import Store
+from zooscan_builtins import hf_source as hf
 
 transformers = pytest.importorskip("transformers")
 

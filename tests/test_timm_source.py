@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 from timm.models import _builder as timm_builder
 from timm.models import _hub as timm_hub
 from timm.models import get_pretrained_cfg
-from zooscan_builtins import timm_source as ts
 
 from zooscan.cli import build_cli
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.layers import find_first_layer
 from zooscan.records import ModelRef
 from zooscan.store import Store
+from zooscan_builtins import timm_source as ts
 
 COMMIT = "c0ffee" + "0" * 34
 VIT, NFNET, RESNET, EFFNET = (

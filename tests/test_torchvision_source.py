@@ -18,12 +18,12 @@ import pytest
 import torch
 import torchvision
 from torchvision.models import get_model_weights
-from zooscan_builtins import torchvision_source as tv
 
 from zooscan.errors import CheckpointError, ModelError, UnsupportedModel, UserError
 from zooscan.plugins import get_source
 from zooscan.records import ModelRef
 from zooscan.remote.ranged import HEAD_BLOCK, TAIL_BLOCK
+from zooscan_builtins import torchvision_source as tv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

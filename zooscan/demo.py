@@ -68,6 +68,9 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
         bases = {b.shape_key: b for b in (store.get_basis(i) for i in store.bases()) if b}
         correlations = query.correlations(store, dataset=dataset.key)
     result = _report(groups, correlations, bases, out_dir)
+    for name, part in plugins.demo_parts().items():
+        with Store(store_path, mode="a") as store:
+            result[name] = part(store, out_dir, dataset=dataset.key, quick=quick)
     click.echo(
         f"\ndemo finished in {time.monotonic() - started:.0f} s; store: {store_path} "
         f"(try `zooscan ls --store {store_path}`)"

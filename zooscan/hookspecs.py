@@ -14,7 +14,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
-    from zooscan.records import DatasetFactory, SourceFactory
+    from zooscan.records import DatasetFactory, DemoPart, SourceFactory
 
 hookspec = pluggy.HookspecMarker("zooscan")
 
@@ -44,3 +44,15 @@ def register_datasets(register: Callable[[DatasetFactory], None]) -> None:
 @hookspec
 def register_commands(cli: click.Group) -> None:
     """Add click commands (or groups) to the ``zooscan`` command line."""
+
+
+@hookspec
+def register_demo_parts(register: Callable[[DemoPart], None]) -> None:
+    """Add parts to ``zooscan demo`` (run after its scans, in order of name).
+
+    Call ``register(part)`` once per part: ``part.name`` names it, and calling
+    ``part(store, out_dir, dataset=..., quick=...)`` with the demo's open, writable
+    :class:`zooscan.store.Store`, its output folder, the key of its patch dataset and
+    the ``--quick`` flag prints the part's own section, writes its plots into
+    ``out_dir`` and returns a JSON-ready dict of its results. A part must run offline.
+    """

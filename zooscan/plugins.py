@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from zooscan import hookspecs
-from zooscan.errors import PluginError, UserError
+from zooscan.errors import DatasetError, PluginError, UserError
 
 ENTRY_POINT_GROUP = "zooscan"
 LOAD_ENV = "ZOOSCAN_LOAD_PLUGINS"
@@ -143,6 +143,11 @@ def datasets(pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
     return _collect("register_datasets", pm)
 
 
+def demo_parts(pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
+    """Parts plugins add to ``zooscan demo``, by name."""
+    return _collect("register_demo_parts", pm)
+
+
 def get_source(name: str, options: dict[str, str] | None = None, pm=None):
     """Instantiate source ``name`` with ``options``; unknown names are a :class:`UserError`."""
     factories = sources(pm)
@@ -160,3 +165,18 @@ def open_dataset(spec: str, pm=None):
         known = ", ".join(factories) or "none installed"
         raise UserError(f"unknown dataset {spec!r} (known: {known})")
     return factories[name](argument or None)
+
+
+def open_labelled(
+    spec: str, split: str, *, size: int | None = None, count: int | None = None, pm=None
+):
+    """One split (``"train"`` or ``"test"``) of a dataset's labelled images
+    (:class:`zooscan.records.LabelledImages`); a :class:`DatasetError` when the dataset
+    has no labels."""
+    if split not in ("train", "test"):
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
+    dataset = open_dataset(spec, pm)
+    labelled = getattr(dataset, "labelled", None)
+    if labelled is None:
+        raise DatasetError(f"dataset {spec!r} has no labels to train on")
+    return labelled(split, size=size, count=count)

@@ -1,4 +1,5 @@
-"""Read-only pandas views of a store: profiles, correlations, model and failure tables.
+"""Read-only pandas views of a store: profiles, correlations, model, failure and run
+tables.
 
 Every function takes an open :class:`zooscan.store.Store` (``mode="r"`` is enough) and
 never writes to it.
@@ -10,7 +11,9 @@ that maximises, in order: the number of selected models (of any shape) with a pr
 on that basis's *dataset* (so every shape uses the store's most common dataset when it
 can), the number of models of that shape with a profile on that exact basis, centered
 before uncentered, and then the id in alphabetical order. Models without a profile on
-the chosen basis are left out and listed in ``frame.attrs["missing"]``.
+the chosen basis are left out and listed in ``frame.attrs["missing"]``. A trainer run's
+profiles over training (:func:`run_profiles`) choose among the run's bases the same
+way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = [
     "parse_kernel",
     "profiles",
     "profiles_by_shape",
+    "run_profiles",
+    "runs_table",
 ]
 
 Shape = tuple[int, int, int]
@@ -166,13 +171,15 @@ def _choose_basis(
     )
     if not counts:
         return None
+    return min(counts, key=lambda bid: _basis_rank(bid, store_counts, counts[bid]))
 
-    def rank(bid: str) -> tuple[int, int, bool, str]:
-        parsed = _parse_basis_id(bid)
-        centered = parsed[2] if parsed else True
-        return -store_counts[dataset_of(bid)], -counts[bid], not centered, bid
 
-    return min(counts, key=rank)
+def _basis_rank(bid: str, store_counts: Counter[str], count: int) -> tuple[int, int, bool, str]:
+    """Sort key of a candidate basis: most common dataset in the store, most profiles
+    of the shape on it, centered first, then by id."""
+    parsed = _parse_basis_id(bid)
+    centered = parsed[2] if parsed else True
+    return -store_counts[dataset_of(bid)], -count, not centered, bid
 
 
 def _profile_frame(store: Store, shape: Shape, group: list[ModelSummary], bid: str) -> pd.DataFrame:
@@ -314,3 +321,109 @@ def models_table(
 def failures_table(store: Store, *, source: str | None = None) -> pd.DataFrame:
     """One row per recorded failure with the columns of :data:`FAILURE_COLUMNS`."""
     return pd.DataFrame(store.failures(source), columns=list(FAILURE_COLUMNS))
+
+
+# ----------------------------------------------------------------------------- runs
+
+_RUN_COLUMNS = ("run_id", "snapshots", "created_at")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened into dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def runs_table(store: Store) -> pd.DataFrame:
+    """One row per trainer run, sorted by run id.
+
+    Columns: ``run_id``; the run's config flattened (nested keys joined by ``.``, e.g.
+    ``optimizer.lr``; lists kept as lists); the scalar entries of its summary (e.g.
+    ``train_acc``, ``test_acc``, ``fit_r``; lists and dicts left out); ``snapshots``
+    (how many first-layer snapshots the run kept) and ``created_at``. A config key
+    named like one of those three becomes ``config.<key>``, and a summary key named
+    like a config column or one of those three becomes ``summary.<key>``. A run
+    without some key has ``None``/``NaN`` there.
+    """
+    infos = [store.run_info(run_id) for run_id in store.runs()]
+    configs = [
+        {(f"config.{k}" if k in _RUN_COLUMNS else k): v for k, v in _flatten(i["config"]).items()}
+        for i in infos
+    ]
+    config_cols = list(dict.fromkeys(key for config in configs for key in config))
+    taken = set(config_cols) | set(_RUN_COLUMNS)
+    summaries = [
+        {
+            (f"summary.{k}" if k in taken else k): v
+            for k, v in i["summary"].items()
+            if isinstance(v, _SCALARS)
+        }
+        for i in infos
+    ]
+    summary_cols = list(dict.fromkeys(key for summary in summaries for key in summary))
+    rows = [
+        {
+            "run_id": info["run_id"],
+            **config,
+            **summary,
+            "snapshots": info["snapshots"],
+            "created_at": info["created_at"],
+        }
+        for info, config, summary in zip(infos, configs, summaries, strict=True)
+    ]
+    return pd.DataFrame(rows, columns=["run_id", *config_cols, *summary_cols, *_RUN_COLUMNS[1:]])
+
+
+def _run_basis(store: Store, run_id: str, kind: str, bases: list[str], basis: str | None) -> str:
+    """The basis a run's ``kind`` profiles are read on (see the module docstring)."""
+    if basis in bases:
+        return basis
+    candidates = [b for b in bases if basis is None or dataset_of(b) == basis]
+    if not candidates:
+        raise UserError(
+            f"run {run_id!r} has no {kind!r} profile on {basis!r} "
+            f"(it has: {', '.join(bases) or 'none'})"
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    store_counts = _dataset_counts(store.summaries())
+    return min(candidates, key=lambda bid: _basis_rank(bid, store_counts, 0))
+
+
+def run_profiles(
+    store: Store, run_id: str, kind: str = "energy", basis: str | None = None
+) -> pd.DataFrame:
+    """A trainer run's profiles over training: one row per snapshot, indexed by optimiser
+    ``step``, columns the component indices ``0..d-1``.
+
+    ``kind`` is ``energy`` (init subtracted), ``energy_raw``, ``exact``,
+    ``closed_form``... (whatever the run stored); ``basis`` a basis id or a dataset key
+    (default: chosen as for :func:`profiles`). ``frame.attrs`` holds ``run_id``,
+    ``kind``, ``basis``, ``dataset`` and ``shape_key``. Raise :class:`UserError` when
+    the run, the kind or the basis is absent.
+    """
+    info = store.run_info(run_id)
+    if kind not in info["profiles"]:
+        kinds = ", ".join(info["profiles"]) or "none"
+        raise UserError(f"run {run_id!r} has no {kind!r} profiles (it has: {kinds})")
+    bid = _run_basis(store, run_id, kind, info["profiles"][kind], basis)
+    values = store.run_profile(run_id, kind, bid)
+    frame = pd.DataFrame(
+        values,
+        index=pd.Index(info["steps"], name="step"),
+        columns=pd.RangeIndex(values.shape[1]),
+    )
+    frame.attrs.update(
+        run_id=run_id,
+        kind=kind,
+        basis=bid,
+        dataset=dataset_of(bid),
+        shape_key=tuple(info["shape"][1:]),
+    )
+    return frame

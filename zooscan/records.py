@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from zooscan.errors import UserError
+from zooscan.errors import DatasetError, UserError
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,53 @@ class PatchDataset(Protocol):
         ...
 
 
+@dataclass
+class LabelledImages:
+    """One split of a labelled image set: what the trainer trains and tests on.
+
+    A dataset plugin that can label its images gives its dataset objects a method
+    ``labelled(split, *, size=None, count=None) -> LabelledImages`` (``split`` is
+    ``"train"`` or ``"test"``; ``size`` the square side the images must have, or
+    ``None`` for the dataset's own; ``count`` how many images to give, or ``None`` for
+    the dataset's default). It raises :class:`zooscan.errors.DatasetError` when it
+    cannot. The object is itself a :class:`PatchDataset` (``key`` and ``batches``), so
+    the patch basis of exactly the training images can be computed from it.
+    """
+
+    images: np.ndarray
+    """``(n, C, H, W)`` uint8 pixels (``C = 3``: RGB)."""
+    labels: np.ndarray
+    """``(n,)`` int64 class indices in ``[0, len(classes))``."""
+    classes: tuple[str, ...]
+    """Class names, indexed by label."""
+    key: str
+    """Identifies the exact images and split (it keys the training set's basis)."""
+
+    def __post_init__(self) -> None:
+        images, labels = np.asarray(self.images), np.asarray(self.labels)
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise UserError(
+                f"labelled images must be uint8 (n, C, H, W), got {images.dtype} {images.shape}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise UserError(f"{images.shape[0]} images but labels of shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise UserError(f"labels must lie in [0, {len(self.classes)})")
+        self.images, self.labels = images, labels.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, channels: int, batch: int = 1024) -> Iterator[np.ndarray]:
+        """The images as float32 ``[0, 1]`` batches (:class:`PatchDataset`)."""
+        if channels != self.images.shape[1]:
+            raise DatasetError(
+                f"{self.key}: has {self.images.shape[1]} channels, {channels} were asked for"
+            )
+        for start in range(0, len(self), batch):
+            yield self.images[start : start + batch].astype(np.float32) / np.float32(255.0)
+
+
 class DatasetFactory(Protocol):
     """What ``register_datasets`` registers: ``factory(argument) -> PatchDataset``."""
 
@@ -153,6 +200,14 @@ class DatasetFactory(Protocol):
     description: str
 
     def __call__(self, argument: str | None) -> PatchDataset: ...
+
+
+class DemoPart(Protocol):
+    """What ``register_demo_parts`` registers: a section of ``zooscan demo``."""
+
+    name: str
+
+    def __call__(self, store: Any, out_dir: Any, *, dataset: str, quick: bool) -> dict: ...
 
 
 @dataclass
@@ -238,6 +293,39 @@ class ModelRecord:
     analyses: list[Analysis] = field(default_factory=list)
     scanned_at: str = ""
     """ISO-8601 UTC time of the scan."""
+
+
+@dataclass
+class RunRecord:
+    """Everything the store keeps for one trainer run (``/runs/<run id>``).
+
+    The store also keeps the run's final first layer as a model of source ``trainer``
+    named ``run_id`` (see :meth:`zooscan.store.Store.commit_run`), so runs are listed,
+    correlated and fitted exactly like scanned models.
+    """
+
+    run_id: str
+    config: dict[str, Any]
+    """The training configuration (JSON-ready)."""
+    layer: FirstLayer
+    """The final first layer: weight ``(K, C, kh, kw)`` as trained, with the input
+    normalisation (``mean``, ``std``) the model was trained with."""
+    steps: np.ndarray
+    """``(S,)`` int64 optimiser steps of the snapshots, increasing, ``steps[0] == 0``."""
+    snapshots: np.ndarray
+    """``(S, K, C, kh, kw)`` float32 first-layer weights; ``snapshots[0]`` is the init."""
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    """Equal-length 1-D arrays, one entry per evaluation: ``epoch``, ``step``,
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``seconds``..."""
+    profiles: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """``kind -> basis id -> (S, d)`` float64 profiles over the snapshots. Kinds:
+    ``energy`` (init subtracted), ``energy_raw``, and for linear CNNs ``exact`` (the
+    exact gradient-descent prediction) and ``closed_form`` (the paper's formula fitted
+    per snapshot)."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Results (JSON-ready): final accuracies, per-snapshot fits and correlations..."""
+    created_at: str = ""
+    """ISO-8601 UTC time the run finished."""
 
 
 def check_options(owner: str, options: dict[str, str], known: dict[str, str]) -> None:

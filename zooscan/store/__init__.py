@@ -1,4 +1,5 @@
-"""The HDF5 store: one file of first layers, patch bases, energy profiles and failures.
+"""The HDF5 store: one file of first layers, patch bases, energy profiles, failures and
+trainer runs (each also kept as a model of source ``trainer``).
 
 The file (default ``zoo.h5``, or ``$ZOOSCAN_STORE``) is plain HDF5 that any HDF5
 tool reads; ``docs/store.md`` documents every group, dataset and attribute.
@@ -12,6 +13,7 @@ Modules, each importing only those listed before it:
 - :mod:`~zooscan.store.schema`: the root attributes and the schema version check;
 - :mod:`~zooscan.store.journal`: the checksummed journal entries and their directory;
 - :mod:`~zooscan.store.entries`: records as validated journal entries;
+- :mod:`~zooscan.store.runs`: trainer runs as journal entries and ``/runs`` groups;
 - :mod:`~zooscan.store.overlay`: the journal's effect merged on top of the main file;
 - :mod:`~zooscan.store.compaction`: folding the overlay into a new main file;
 - :mod:`~zooscan.store.store`: the :class:`Store` class.
@@ -19,6 +21,7 @@ Modules, each importing only those listed before it:
 
 from zooscan.store.files import TMP_INFIX as TMP_INFIX
 from zooscan.store.naming import escape_name, unescape_name
+from zooscan.store.runs import RUN_SOURCE
 from zooscan.store.schema import FORMAT, SCHEMA_VERSION
 from zooscan.store.store import (
     DEFAULT_STORE,
@@ -33,6 +36,7 @@ from zooscan.store.views import ModelSummary, StoredModel
 __all__ = [
     "DEFAULT_STORE",
     "FORMAT",
+    "RUN_SOURCE",
     "SCHEMA_VERSION",
     "STORE_ENV",
     "ModelSummary",

@@ -8,6 +8,7 @@ from what HDF5 holds.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
@@ -23,6 +24,7 @@ __all__ = [
     "BASIS_ARRAYS",
     "basis_attrs",
     "basis_from",
+    "json_text",
     "layer_attrs",
     "layer_from_attrs",
     "now",
@@ -69,6 +71,37 @@ def _to_json(value: Mapping[str, Any], what: str) -> str:
         return json.dumps(dict(value), sort_keys=True, default=_json_default, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"cannot store the layer's {what}: {exc}") from None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (parsed JSON) with every non-finite float replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def json_text(value: Mapping[str, Any], what: str) -> str:
+    """``value`` as strict JSON text (RFC 8259), for attributes any JSON parser reads.
+
+    Keys are sorted; numpy scalars and arrays, sets, paths and dates are converted as
+    for ``flags``; tuples become lists; non-finite floats (NaN, ±inf) become ``null``
+    (strict JSON has no literal for them). Raise :class:`StoreError` naming ``what``
+    when a value cannot be converted.
+    """
+    try:
+        plain = json.loads(json.dumps(dict(value), default=_json_default))
+        out = json.dumps(_finite(plain), sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"cannot store {what}: {exc}") from None
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: keep them exactly, as \u escapes
+        out = json.dumps(_finite(plain), sort_keys=True, ensure_ascii=True, allow_nan=False)
+    return out
 
 
 def _int_pair(value: Any) -> list[int]:

@@ -14,6 +14,7 @@ import numpy as np
 from zooscan.store.codec import BASIS_ARRAYS, text, write_attrs
 from zooscan.store.naming import escape_name
 from zooscan.store.overlay import Key, Overlay, PendingModel
+from zooscan.store.runs import write_run
 
 __all__ = ["apply_overlay", "write_repacked"]
 
@@ -105,6 +106,10 @@ def apply_overlay(h5: h5py.File, overlay: Overlay) -> int:
     failures = h5.require_group("failures")
     for key, state in overlay.failures.items():
         _write_failure(failures, key, state)
+    if overlay.runs:  # a store without runs has no /runs group
+        runs = h5.require_group("runs")
+        for run_id, run in overlay.runs.items():
+            wasted += write_run(runs, run_id, run)
     return wasted
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from zooscan.store.journal import CorruptEntry, Entry
+from zooscan.store.runs import PendingRun, pending_from_entry
 
 __all__ = ["Key", "Overlay", "PendingModel"]
 
@@ -36,6 +37,9 @@ class Overlay:
     bases: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
     failures: dict[Key, dict[str, Any] | None] = field(default_factory=dict)
     """Failure state per model; ``None`` means cleared."""
+    runs: dict[str, PendingRun] = field(default_factory=dict)
+    """Trainer runs written (or replaced) since the main file, by run id. Each one's
+    model view is in :attr:`models`."""
 
     def apply(self, entry: Entry) -> None:
         """Merge one entry; raise :class:`CorruptEntry` when its fields are malformed."""
@@ -50,13 +54,16 @@ class Overlay:
             self.bases[f["attrs"]["id"]] = (f["attrs"], arrays)
             return
         key = (f["source"], f["name"])
-        if entry.op == "model":
+        if entry.op in ("model", "run"):
+            run = pending_from_entry(entry) if entry.op == "run" else None
             analyses = {
                 bid: (arrays[f"energy/{bid}"], arrays[f"projections/{bid}"]) for bid in f["bases"]
             }
             self.models[key] = PendingModel(f["attrs"], arrays["weight"], analyses)
             self.analyses.pop(key, None)
             self.failures[key] = None
+            if run is not None:
+                self.runs[f["name"]] = run
         elif entry.op == "analysis":
             pair = (arrays["energy"], arrays["projections"])
             if key in self.models:

@@ -28,7 +28,7 @@ import numpy as np
 
 from zooscan import __version__
 from zooscan.errors import StoreError, UserError
-from zooscan.records import Analysis, ModelRecord, PatchBasis
+from zooscan.records import Analysis, ModelRecord, PatchBasis, RunRecord
 from zooscan.store.codec import (
     BASIS_ARRAYS,
     basis_from,
@@ -44,6 +44,7 @@ from zooscan.store.files import TMP_INFIX, acquire_lock, release_lock, replace_d
 from zooscan.store.journal import CorruptEntry, Entry, Journal
 from zooscan.store.naming import escape_name, unescape_link
 from zooscan.store.overlay import Key, Overlay
+from zooscan.store.runs import read_run, run_entry, run_info, run_info_from_group, run_record
 from zooscan.store.schema import init_root, open_main
 from zooscan.store.views import SUMMARY_KEYS, ModelSummary, StoredModel, make_summary
 
@@ -65,6 +66,7 @@ JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
 
 _REPACK_MIN_WASTE = 1 << 20
+_PENDING_BYTES_CAP = 256 << 20
 _REPACK_RATIO = 0.25
 _SNAPSHOT_TRIES = 200
 
@@ -84,10 +86,10 @@ class Store:
     killed writer left, and makes every write durable before returning.
 
     ``compact_every`` and ``compact_ratio`` tune the batching: the journal is compacted
-    into the main file when it holds at least ``compact_every`` entries *and* at least
-    ``compact_ratio`` times the main file's size in bytes (so compaction costs stay
-    proportional to what is written), and always at :meth:`flush`, :meth:`close` and
-    open.
+    into the main file when it holds at least ``compact_every`` entries (or 256 MiB,
+    which bounds the memory pending entries hold) *and* at least ``compact_ratio``
+    times the main file's size in bytes (so compaction costs stay proportional to what
+    is written), and always at :meth:`flush`, :meth:`close` and open.
     """
 
     def __init__(
@@ -301,9 +303,10 @@ class Store:
         self._overlay.apply(entry)
         self._pending.append(seq)
         self._pending_bytes += size
-        if len(self._pending) >= self.compact_every and (
-            self._pending_bytes >= self.compact_ratio * os.path.getsize(self._abs)
-        ):
+        enough = (
+            len(self._pending) >= self.compact_every or self._pending_bytes >= _PENDING_BYTES_CAP
+        )
+        if enough and self._pending_bytes >= self.compact_ratio * os.path.getsize(self._abs):
             self._compact_quietly()
 
     def _compact_quietly(self) -> None:
@@ -359,6 +362,20 @@ class Store:
             energy, proj = check_analysis(name, summary.shape, analysis)
             fields = {"source": source, "name": name, "basis_id": analysis.basis_id}
             self._append(Entry("analysis", fields, {"energy": energy, "projections": proj}))
+
+    def commit_run(self, run: RunRecord, model: ModelRecord) -> None:
+        """Store a trainer run under ``/runs`` and its model view ``model`` (source
+        ``"trainer"``, named ``run.run_id``) under ``/models``, replacing a run and a
+        model of that id; both or neither, durable when it returns.
+
+        ``model`` is stored exactly as :meth:`commit_model` stores it (so the run is
+        listed, correlated and fitted like a scanned model); its weight must be the
+        run's final layer weight. Raise :class:`StoreError` when the run is
+        inconsistent (``docs/store.md`` lists the checks).
+        """
+        with self._lock:
+            self._check_writable()
+            self._append(run_entry(run, model))
 
     def put_basis(self, basis: PatchBasis) -> None:
         """Store a patch basis (replacing one of the same id); durable when it returns."""
@@ -570,3 +587,73 @@ class Store:
                 return dict(self._overlay.bases[basis_id][0])
             g = self._main_group("bases", escape_name(basis_id))
             return None if g is None else read_attrs(g)
+
+    # ----------------------------------------------------------------- runs
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the store holds a trainer run of this id."""
+        with self._lock:
+            self._check_open()
+            return run_id in self._overlay.runs or self._main_run(run_id) is not None
+
+    def runs(self) -> list[str]:
+        """Ids of the stored trainer runs, sorted."""
+        with self._lock:
+            group = self._main_group("runs")
+            ids = {unescape_link(link) for link in group} if group is not None else set()
+            return sorted(ids | set(self._overlay.runs))
+
+    def load_run(self, run_id: str) -> RunRecord:
+        """Read one trainer run back in full. Raise :class:`UserError` when it is not
+        stored."""
+        with self._lock:
+            self._check_open()
+            pending = self._overlay.runs.get(run_id)
+            return run_record(
+                pending if pending is not None else read_run(self._require_run(run_id))
+            )
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        """A run's description without its big arrays: ``run_id``, ``created_at``,
+        ``config``, ``summary``, ``snapshots`` (their count), ``steps`` (list of int),
+        ``shape`` ``(K, C, kh, kw)``, ``metrics`` (names) and ``profiles``
+        (``kind -> [basis id]``), names sorted. Raise :class:`UserError` when the run is
+        not stored."""
+        with self._lock:
+            self._check_open()
+            run = self._overlay.runs.get(run_id)
+            if run is None:
+                return run_info_from_group(self._require_run(run_id))
+            return run_info(
+                run.attrs,
+                run.steps,
+                run.snapshots.shape[1:],
+                list(run.metrics),
+                {kind: list(by_basis) for kind, by_basis in run.profiles.items()},
+            )
+
+    def run_profile(self, run_id: str, kind: str, basis_id: str) -> np.ndarray:
+        """One ``(S, d)`` profile of a run (one row per snapshot), read without the rest
+        of the run. Raise :class:`UserError` when the run or the profile is absent."""
+        with self._lock:
+            self._check_open()
+            run = self._overlay.runs.get(run_id)
+            if run is not None:
+                found = run.profiles.get(kind, {}).get(basis_id)
+                if found is not None:
+                    return found.copy()
+            else:
+                group = self._require_run(run_id).get("profiles", {})
+                path = f"{escape_name(kind)}/{escape_name(basis_id)}"
+                if path in group:
+                    return group[path][()]
+            raise UserError(f"run {run_id!r} has no {kind!r} profile on basis {basis_id!r}")
+
+    def _main_run(self, run_id: str) -> h5py.Group | None:
+        return self._main_group("runs", escape_name(run_id))
+
+    def _require_run(self, run_id: str) -> h5py.Group:
+        g = self._main_run(run_id)
+        if g is None:
+            raise UserError(f"no trainer run {run_id!r} in store {self.path}")
+        return g
