@@ -39,8 +39,8 @@ class TrainedZoo:
         specs = reproduce.plan(scale, device="cpu")
         count = sum(len(v) if isinstance(v, list) else 1 for v in specs.values())
         click.echo(
-            f"\ntraining a small zoo ({count} runs: VGG-11 true/random labels, "
-            f"a wider VGG-11, ResNet-18, the linear CNN) on labelled synthetic images"
+            f"\ntraining a small zoo ({count} runs: VGG-11-BN true/random labels, "
+            f"a wider VGG-11-BN, ResNet-18, the linear CNN) on labelled synthetic images"
         )
         experiments = reproduce.run_all(specs, store, extra_datasets=(dataset,))
         rows, extra = reproduce.table(experiments), reproduce.extras(experiments)

@@ -33,10 +33,10 @@ def plot_reproduction(experiments: Any, path: Path, basis: PatchBasis | None = N
 
     curves: dict[str, Any] = {}
     for run in experiments.true:
-        curves[f"VGG-11 seed {run.config['seed']}"] = final_profile(run)
+        curves[f"VGG-11-BN seed {run.config['seed']}"] = final_profile(run)
     for run in experiments.random:
-        curves[f"VGG-11 random labels, seed {run.config['seed']}"] = final_profile(run)
-    curves["VGG-11 wide"] = final_profile(experiments.wide)
+        curves[f"VGG-11-BN random labels, seed {run.config['seed']}"] = final_profile(run)
+    curves["VGG-11-BN wide"] = final_profile(experiments.wide)
     curves["ResNet-18"] = final_profile(experiments.resnet)
     lambdas = basis.lambdas if basis is not None else None
     fit = fit_formula(final_profile(experiments.true[0]), lambdas) if lambdas is not None else None
