@@ -29,7 +29,7 @@ else ``<stem>.json`` (``model.json``)::
 
 **Options override the sidecar**, key by key (a sidecar describes one file, options
 a whole run, so the explicit command line wins). A broken sidecar (bad JSON, unknown
-keys, wrong lengths, non-numbers, ``std <= 0``) fails that model with the reason.
+keys, wrong lengths, non-numbers, ``std`` below 1e-4) fails that model with the reason.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ KNOWN_OPTIONS = {
 }
 SIDECAR_KEYS = ("mean", "std", "channel_order", "key", "input_size", "patch")
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
+MIN_STD = 1e-4
+"""Smallest input std accepted (on the [0, 1] scale): dividing filters by less would
+only amplify them towards overflow (1/255, a std of 1 on the 0-255 scale, is the
+smallest real models use)."""
 _PATCH_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -238,6 +242,11 @@ def _settings(raw: dict[str, Any], origin: str) -> Settings:
     std = _floats(raw.get("std"), "std", origin)
     if std is not None and any(s <= 0 for s in std):
         raise ValueError(f"std must be > 0, got {list(std)}")
+    if std is not None and any(s < MIN_STD for s in std):
+        raise ValueError(
+            f"std {list(std)} is not on the [0, 1] pixel scale (the smallest plausible is "
+            f"{MIN_STD}: a std of 1 on the 0-255 scale is 1/255)"
+        )
     if mean is not None and any(abs(m) > 1.5 for m in mean):
         raise ValueError(f"mean {list(mean)} is not on the [0, 1] pixel scale (divide by 255?)")
     order = raw.get("channel_order")

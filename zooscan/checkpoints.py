@@ -32,12 +32,15 @@ import collections
 import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +52,15 @@ from zooscan.errors import CheckpointError
 
 __all__ = [
     "LoadedTensor",
+    "PickleRefused",
     "TensorInfo",
     "TorchTensorRef",
+    "UnboundedStructure",
     "checkpoint_format",
     "first_4d_tensor",
     "list_tensors",
     "read_tensors",
+    "refused_unpickle",
     "resolve_key",
     "scan_torch_pickle",
 ]
@@ -68,13 +74,27 @@ SAFETENSORS_DTYPES = {
     "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",
     "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
     "U8": "uint8",
     "BOOL": "bool",
+    "C64": "complex64",
 }
+"""safetensors dtype names and their torch spelling (without ``torch.``)."""
+SAFETENSORS_SUB_BYTE = {
+    "F4": ("float4_e2m1", 4),
+    "F6_E2M3": ("float6_e2m3", 6),
+    "F6_E3M2": ("float6_e3m2", 6),
+}
+"""safetensors dtypes narrower than a byte: ``(name, bits)``; listed, never read."""
 _TORCH_STORAGE_DTYPES = {
     "DoubleStorage": "float64",
     "FloatStorage": "float32",
@@ -96,15 +116,61 @@ ITEMSIZE = {
     "bfloat16": 2,
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
     "int64": 8,
     "int32": 4,
     "int16": 2,
     "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
     "uint8": 1,
     "bool": 1,
+    "complex64": 8,
 }
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+MAX_RANK = 32
+"""Most dimensions a tensor may claim (real ones have at most 5 or 6)."""
+MAX_DIM = 2**62
+"""Largest size one dimension may claim (bounds every product of sizes)."""
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+"""Largest ``data.pkl`` read from a torch zip: an index of tensors, a few MB at most
+even for models with tens of thousands of tensors."""
+MAX_INFLATED_BYTES = 1024**3
+"""Most bytes the compressed members read from one zip (npz, re-zipped torch) may
+inflate to: a zip bomb's tiny file never becomes gigabytes in memory."""
+MAX_NESTING = 64
+"""Deepest nesting of containers in a checkpoint (real ones nest 2 to 5 levels)."""
+MAX_ENTRIES = 1_000_000
+"""Most containers and leaves visited when flattening a checkpoint."""
 _ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+)
+"""What :mod:`zipfile` raises for damaged archives (``NotImplementedError`` for an
+unknown method and ``RecursionError`` are ``RuntimeError`` subclasses)."""
+# torch warns when a (refused or odd) pickle uses a newer protocol: the refusal says enough
+warnings.filterwarnings(
+    "ignore", message="Detected pickle protocol", module=r"torch\._weights_only_unpickler"
+)
+_TORCH_ALLOWLIST_ROOTS = frozenset({"torch", "collections", "_codecs", "builtins", "__builtin__"})
+"""Top-level modules of every global torch's ``weights_only`` loader may accept."""
+_TORCH_BOILERPLATE = (
+    "Weights only load failed",
+    "(1)",
+    "(2)",
+    "Please file an issue",
+    "Check the documentation",
+)
 
 # Wrapper prefixes that checkpoints add around a model's own parameter names
 # (DataParallel, Lightning/timm/mmcv nesting, torch.compile). EMA wrappers come last:
@@ -169,7 +235,7 @@ class TorchTensorRef:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor's own elements."""
-        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE.get(self.dtype, 0)
+        return math.prod(self.shape) * ITEMSIZE.get(self.dtype, 0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -201,12 +267,11 @@ def list_tensors(path: PathLike) -> list[TensorInfo]:
         return _safetensors_index(p)
     if fmt == "npz":
         return _npz_index(p)
-    if fmt == "torch-zip":
-        index = _torch_zip_index(p)
-        if index is not None:
-            return index
-        return [_info_from_tensor(k, t, None) for k, t in _flatten(_torch_load(p, True))]
-    return [_info_from_tensor(k, t, None) for k, t in _flatten(_torch_load(p, False))]
+    archive = _torch_zip_index(p) if fmt == "torch-zip" else None
+    if archive is not None and archive.infos is not None:
+        return archive.infos
+    tensors = _tensors_of(p, _torch_load(p, archive))
+    return [_info_from_tensor(k, t, None) for k, t in tensors.items()]
 
 
 def read_tensors(path: PathLike, keys: Sequence[str]) -> dict[str, LoadedTensor]:
@@ -264,19 +329,21 @@ def scan_torch_pickle(data: bytes) -> dict[str, TorchTensorRef]:
     A restricted unpickler: it resolves only the few globals ``torch.save`` emits for
     tensors and dicts (to inert stand-ins, never the real callables) and records each
     tensor's storage key, offset, shape and stride. Anything else (a class, a function,
-    ``os.system``...) raises :class:`CheckpointError`; nothing is imported or run.
-    Keys of nested containers are joined with ``.`` as in :func:`list_tensors`.
+    ``os.system``...) raises :class:`PickleRefused`, containers nested too deep, in a
+    cycle or too many :class:`UnboundedStructure`, a malformed pickle
+    :class:`CheckpointError`; nothing is imported or run. Keys of nested containers are
+    joined with ``.`` as in :func:`list_tensors`.
     """
     import io
 
     try:
         obj = _IndexUnpickler(io.BytesIO(data)).load()
-    except _RefusedGlobal as exc:
-        raise CheckpointError(
-            f"data.pkl references {exc}, which a weights file never needs"
-        ) from exc
+    except PickleRefused:
+        raise
     except Exception as exc:  # any malformed pickle ends here
-        raise CheckpointError(f"data.pkl is corrupt: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"data.pkl is corrupt: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     return {key: ref for key, ref in _flatten(obj, leaf_type=TorchTensorRef)}
 
 
@@ -295,16 +362,57 @@ def _check_file(path: PathLike) -> Path:
 
 
 def _zip_kind(p: Path) -> str:
+    _check_zip_directory(p)
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: corrupt or truncated zip archive ({exc})") from exc
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(
+            f"{p}: corrupt or truncated zip archive ({_first_line(exc)})"
+        ) from exc
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{p}: corrupt zip archive (two members share a name)")
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
     raise CheckpointError(f"{p}: zip archive that is neither a torch checkpoint nor an npz")
+
+
+def _check_zip_directory(p: Path) -> None:
+    """Check the end records and the central directory's size before ``zipfile`` reads
+    the whole directory into memory (an absurd member count is refused here)."""
+    # zooscan.remote imports this module: import its zip parser when first needed
+    from zooscan.remote.zipdir import MAX_EOCD_SEARCH, find_central_directory
+
+    size = p.stat().st_size
+    tail_start = max(0, size - MAX_EOCD_SEARCH - 1024)
+    with open(p, "rb") as fh:
+        fh.seek(tail_start)
+        tail = fh.read()
+    try:
+        find_central_directory(tail, tail_start, size)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
+
+
+def _check_member(p: Path, member: zipfile.ZipInfo, archive_size: int) -> None:
+    """A member's sizes are plausible: a stored member's two sizes agree and fit in the
+    archive; a compressed one inflates to at most :data:`MAX_INFLATED_BYTES`."""
+    name = member.filename
+    if member.compress_type == zipfile.ZIP_STORED:
+        if member.file_size != member.compress_size:
+            raise CheckpointError(
+                f"{p}: corrupt zip: stored member {name!r} claims {member.file_size} bytes "
+                f"but holds {member.compress_size}"
+            )
+        if member.header_offset + member.compress_size > archive_size:
+            raise CheckpointError(f"{p}: corrupt zip: member {name!r} lies outside the file")
+    elif member.file_size > MAX_INFLATED_BYTES:
+        raise CheckpointError(
+            f"{p}: zip member {name!r} would inflate to {member.file_size} bytes (more than "
+            f"{MAX_INFLATED_BYTES}): refused as a zip bomb"
+        )
 
 
 def _is_c_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -327,7 +435,12 @@ def _stored_bytes(tensor: torch.Tensor) -> bytes:
 def _to_float32(tensor: torch.Tensor, key: str) -> np.ndarray:
     if tensor.is_quantized or tensor.is_complex():
         raise CheckpointError(f"tensor {key!r} has dtype {tensor.dtype}, not a real-valued weight")
-    return tensor.detach().to(torch.float32).contiguous().numpy().copy()
+    try:
+        return tensor.detach().to(torch.float32).contiguous().numpy().copy()
+    except (RuntimeError, TypeError) as exc:  # e.g. packed 4-bit floats: no conversion
+        raise CheckpointError(
+            f"tensor {key!r} has dtype {tensor.dtype}, which zooscan cannot read as float32"
+        ) from exc
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -340,19 +453,51 @@ def _info_from_tensor(key: str, tensor: torch.Tensor, byte_range) -> TensorInfo:
     )
 
 
-def _flatten(
-    obj: Any, prefix: str = "", leaf_type: type = torch.Tensor
-) -> Iterator[tuple[str, Any]]:
-    """Yield ``(dotted key, leaf)`` for every leaf of type ``leaf_type`` in nested
-    dicts, lists and tuples, in container order."""
+def _flatten(obj: Any, leaf_type: type = torch.Tensor) -> list[tuple[str, Any]]:
+    """``(dotted key, leaf)`` for every leaf of type ``leaf_type`` in nested dicts,
+    lists and tuples, in container order.
+
+    Raises :class:`UnboundedStructure` when containers nest deeper than
+    :data:`MAX_NESTING` (a cycle nests forever) or more than :data:`MAX_ENTRIES` items
+    are visited (a shared sub-container is walked each time it occurs).
+    """
+    out: list[tuple[str, Any]] = []
+    _walk(obj, "", leaf_type, 0, out, [MAX_ENTRIES])
+    return out
+
+
+def _walk(obj: Any, prefix: str, leaf_type: type, depth: int, out: list, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise UnboundedStructure(f"the checkpoint holds more than {MAX_ENTRIES} entries")
     if isinstance(obj, leaf_type):
-        yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key), leaf_type)
+        out.append((prefix, obj))
+        return
+    if isinstance(obj, Mapping):
+        items = [(_key_text(key), value) for key, value in obj.items()]
     elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _flatten(value, f"{prefix}.{i}" if prefix else str(i), leaf_type)
+        items = [(str(i), value) for i, value in enumerate(obj)]
+    else:
+        return
+    if depth >= MAX_NESTING:
+        raise UnboundedStructure(f"the checkpoint nests containers more than {MAX_NESTING} deep")
+    for key, value in items:
+        _walk(value, f"{prefix}.{key}" if prefix else key, leaf_type, depth + 1, out, budget)
+
+
+def _key_text(key: Any) -> str:
+    try:
+        return str(key)
+    except ValueError as exc:  # an integer key too long to print
+        raise CheckpointError(f"the checkpoint has an unprintable key ({exc})") from None
+
+
+def _tensors_of(p: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """The flattened tensors of what ``torch.load`` returned for ``p``."""
+    try:
+        return dict(_flatten(obj))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
 
 
 def _strip_wrappers(key: str) -> tuple[str, int, bool]:
@@ -395,7 +540,7 @@ def safetensors_header_length(first8: bytes, size: int, where: str) -> int:
     bytes, checked to fit in the file and under the format's limit."""
     if len(first8) < 8:
         raise CheckpointError(f"{where}: truncated safetensors file (no header length)")
-    (n,) = struct.unpack("<Q", first8)
+    (n,) = struct.unpack_from("<Q", first8)
     if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
         raise CheckpointError(
             f"{where}: corrupt safetensors header (claims {n} bytes, file has {size})"
@@ -404,14 +549,34 @@ def safetensors_header_length(first8: bytes, size: int, where: str) -> int:
 
 
 def decode_safetensors_header(raw: bytes, where: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file (a corrupt one is a :class:`CheckpointError`)."""
+    """The JSON header of a safetensors file: a UTF-8 JSON object without duplicate
+    keys or non-standard constants (``NaN``); anything else is a :class:`CheckpointError`."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: corrupt safetensors header ({exc})") from exc
+        header = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        raise CheckpointError(f"{where}: corrupt safetensors header (nested too deeply)") from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, digit limits, hooks
+        raise CheckpointError(f"{where}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
     return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _safetensors_index(p: Path) -> list[TensorInfo]:
@@ -421,26 +586,19 @@ def _safetensors_index(p: Path) -> list[TensorInfo]:
 
 def safetensors_infos(header: dict, data_start: int, size: int, where: str) -> list[TensorInfo]:
     """The tensors a safetensors ``header`` describes, in storage order, each entry
-    checked: offsets inside a file of ``size`` bytes and a length that matches its
-    dtype and shape. ``where`` names the file in errors (a path or a URL)."""
+    checked: a known dtype, a shape of non-negative integers, offsets inside a file of
+    ``size`` bytes, a length that matches dtype and shape, no two tensors sharing
+    bytes. ``where`` names the file in errors (a path or a URL)."""
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{where}: corrupt safetensors header (__metadata__ must map to strings)"
+        )
     infos = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(s) for s in entry["shape"])
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"], str(entry["dtype"]).lower())
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: corrupt safetensors header entry for {key!r}") from exc
-        itemsize = ITEMSIZE.get(dtype)
-        if begin < 0 or (
-            itemsize is not None and end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
-        ):
-            raise CheckpointError(
-                f"{where}: corrupt safetensors header entry for {key!r} (bytes [{begin}, {end}) "
-                f"for {dtype}{list(shape)})"
-            )
+        dtype, shape, begin, end = _safetensors_entry(key, entry, where)
         if data_start + end > size:
             raise CheckpointError(
                 f"{where}: truncated safetensors file ({key!r} ends at byte {data_start + end}, "
@@ -448,7 +606,55 @@ def safetensors_infos(header: dict, data_start: int, size: int, where: str) -> l
             )
         infos.append(TensorInfo(key, shape, dtype, (data_start + begin, data_start + end)))
     infos.sort(key=lambda info: info.byte_range)
+    _check_disjoint(infos, where)
     return infos
+
+
+def _safetensors_entry(key: str, entry: Any, where: str) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, or a :class:`CheckpointError`."""
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: corrupt safetensors header entry for {key!r} ({why})")
+
+    if not isinstance(entry, dict):
+        raise corrupt("not a JSON object")
+    name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(name, str) or (
+        name not in SAFETENSORS_DTYPES and name not in SAFETENSORS_SUB_BYTE
+    ):
+        raise corrupt(f"unknown dtype {name!r}")
+    if not _sizes(shape, MAX_DIM) or len(shape) > MAX_RANK:
+        raise corrupt(f"shape {shape!r} is not a list of at most {MAX_RANK} sizes in [0, 2**62]")
+    if not _sizes(offsets, 2**63) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise corrupt(f"data_offsets {offsets!r} is not [begin, end]")
+    if name in SAFETENSORS_SUB_BYTE:
+        dtype, bits = SAFETENSORS_SUB_BYTE[name]
+    else:
+        dtype = SAFETENSORS_DTYPES[name]
+        bits = 8 * ITEMSIZE[dtype]
+    begin, end = offsets
+    if math.prod(shape) * bits != 8 * (end - begin):
+        raise corrupt(f"bytes [{begin}, {end}) do not hold {dtype}{list(shape)}")
+    return dtype, tuple(shape), begin, end
+
+
+def _sizes(value: Any, limit: int) -> bool:
+    """True for a list of integers in ``[0, limit]`` (JSON booleans are not sizes)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v <= limit for v in value)
+
+
+def _check_disjoint(infos: Sequence[TensorInfo], where: str) -> None:
+    """No two non-empty tensors share a byte (``infos`` sorted by byte range)."""
+    last_key, last_end = None, -1
+    for info in infos:
+        begin, end = info.byte_range
+        if begin == end:
+            continue
+        if begin < last_end:
+            raise CheckpointError(
+                f"{where}: corrupt safetensors header ({info.key!r} overlaps {last_key!r})"
+            )
+        last_key, last_end = info.key, end
 
 
 def _read_safetensors(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
@@ -467,9 +673,11 @@ def _read_safetensors(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
 
 
 def loaded_tensor(key: str, tensor: torch.Tensor, byte_range) -> LoadedTensor:
+    """A :class:`LoadedTensor` of ``tensor`` (values as float32, sha256 of its stored bytes)."""
+    array = _to_float32(tensor, key)
     return LoadedTensor(
         key=key,
-        array=_to_float32(tensor, key),
+        array=array,
         sha256=hashlib.sha256(_stored_bytes(tensor)).hexdigest(),
         byte_range=byte_range,
         dtype=_dtype_name(tensor.dtype),
@@ -480,8 +688,33 @@ def loaded_tensor(key: str, tensor: torch.Tensor, byte_range) -> LoadedTensor:
 # ------------------------------------------------------------------------------- torch
 
 
-class _RefusedGlobal(Exception):
-    pass
+class UnboundedStructure(CheckpointError):
+    """Containers nested too deep (or in a cycle), or too many entries, to flatten: the
+    same for any loader, so a checkpoint raising it is refused without another try."""
+
+
+class PickleRefused(CheckpointError):
+    """``data.pkl`` names a global the restricted scanner never resolves."""
+
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"data.pkl references {module}.{name}, which a weights file never needs")
+        self.module = module
+        self.name = name
+
+    @property
+    def torch_may_allow(self) -> bool:
+        """False when torch's ``weights_only`` loader refuses it too (its allowlist
+        holds globals of a few modules only): then no loader zooscan uses accepts the
+        file, and it is refused without being loaded or downloaded whole."""
+        return self.module.split(".", 1)[0] in _TORCH_ALLOWLIST_ROOTS
+
+
+def refused_unpickle(where: str, reason: str) -> CheckpointError:
+    """The one-line error for a checkpoint whose pickle zooscan will not load."""
+    return CheckpointError(
+        f"{where}: refused to unpickle: {reason} (zooscan reads only tensors and never runs "
+        "a checkpoint's code)"
+    )
 
 
 @dataclass(frozen=True)
@@ -536,7 +769,7 @@ class _IndexUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
             return _StorageType(name)
-        raise _RefusedGlobal(f"{module}.{name}")
+        raise PickleRefused(module, name)
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -557,21 +790,77 @@ def _zip_data_offset(fh, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
 
 
-def _torch_zip_index(p: Path) -> list[TensorInfo] | None:
-    """Storage-ordered index of a torch zip file, or ``None`` when ``data.pkl`` holds
-    something the restricted scanner does not know (torch's own loader decides then)."""
+@dataclass(frozen=True)
+class _TorchZip:
+    """What :func:`_torch_zip_index` learned about a torch zip checkpoint."""
+
+    infos: list[TensorInfo] | None
+    """Storage-ordered index; ``None`` when ``data.pkl`` holds more than the restricted
+    scanner knows (torch's ``weights_only`` loader decides then)."""
+    mmap: bool
+    """False when a storage is compressed: torch's ``mmap`` loader would return the
+    compressed bytes as the tensor's values."""
+    refusal: str | None = None
+    """Why the restricted scanner declined ``data.pkl``."""
+
+
+def _torch_zip_index(p: Path) -> _TorchZip:
+    """Index a torch zip checkpoint, refusing zip bombs before anything is inflated."""
     try:
         with zipfile.ZipFile(p) as zf, open(p, "rb") as fh:
-            pkl = next(n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
-            archive = pkl[: -len("data.pkl")]
+            members = {i.filename: i for i in zf.infolist()}
+            pkl, archive = _data_pkl(p, members)
+            mmap = _check_torch_members(p, members, archive)
             try:
                 refs = scan_torch_pickle(zf.read(pkl))
-            except CheckpointError:
-                return None
-            members = {i.filename: i for i in zf.infolist()}
-            return _torch_infos(p, refs, archive, members, fh)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"{p}: corrupt or truncated torch checkpoint ({exc})") from exc
+            except PickleRefused as exc:
+                if not exc.torch_may_allow:
+                    raise refused_unpickle(str(p), str(exc)) from None
+                return _TorchZip(None, mmap, str(exc))
+            except UnboundedStructure as exc:
+                raise CheckpointError(f"{p}: {exc}") from None
+            except CheckpointError:  # something the scanner does not parse: torch decides
+                return _TorchZip(None, mmap)
+            return _TorchZip(_torch_infos(p, refs, archive, members, fh), mmap)
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(
+            f"{p}: corrupt or truncated torch checkpoint ({_first_line(exc)})"
+        ) from exc
+
+
+def _data_pkl(p: Path, members: dict[str, zipfile.ZipInfo]) -> tuple[zipfile.ZipInfo, str]:
+    """``data.pkl`` of the archive folder torch reads (the first member's folder), size-checked."""
+    first = next(iter(members), "")
+    archive = first.split("/", 1)[0] + "/" if "/" in first else ""
+    pkl = members.get(f"{archive}data.pkl")
+    if pkl is None:
+        raise CheckpointError(f"{p}: torch checkpoint without {archive}data.pkl")
+    if pkl.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(
+            f"{p}: data.pkl would be {pkl.file_size} bytes (a tensor index needs at most "
+            f"{MAX_PICKLE_BYTES}): refused as a zip bomb"
+        )
+    return pkl, archive
+
+
+def _check_torch_members(p: Path, members: dict[str, zipfile.ZipInfo], archive: str) -> bool:
+    """Check every member's sizes and the storages' inflated total; True when every
+    storage is stored uncompressed (so memory-mapping is exact)."""
+    size = p.stat().st_size
+    for member in members.values():
+        _check_member(p, member, size)
+    compressed = [
+        m
+        for name, m in members.items()
+        if name.startswith(f"{archive}data/") and m.compress_type != zipfile.ZIP_STORED
+    ]
+    inflated = sum(m.file_size for m in compressed)
+    if inflated > MAX_INFLATED_BYTES:
+        raise CheckpointError(
+            f"{p}: compressed storages would inflate to {inflated} bytes (more than "
+            f"{MAX_INFLATED_BYTES}): refused as a zip bomb"
+        )
+    return not compressed
 
 
 def _torch_infos(p, refs, archive, members, fh) -> list[TensorInfo]:
@@ -594,14 +883,15 @@ def _torch_infos(p, refs, archive, members, fh) -> list[TensorInfo]:
     return [info for _, info in rows]
 
 
-def _torch_load(p: Path, zipped: bool) -> Any:
+def _torch_load(p: Path, archive: _TorchZip | None) -> Any:
+    """``torch.load(weights_only=True)``: memory-mapped for a zip whose storages are
+    stored, read whole otherwise (legacy files, compressed storages)."""
+    mmap = archive is not None and archive.mmap
     try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=zipped)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{p}: refused to unpickle (weights_only=True: the file holds more than tensors): "
-            f"{_weights_only_reason(exc)}"
-        ) from exc
+        reason = (archive.refusal if archive else None) or _weights_only_reason(exc)
+        raise refused_unpickle(str(p), reason) from exc
     except Exception as exc:  # torch raises RuntimeError/EOFError/... for damaged files
         raise CheckpointError(
             f"{p}: corrupt or truncated torch checkpoint ({_first_line(exc)})"
@@ -614,20 +904,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _weights_only_reason(exc: BaseException) -> str:
-    """The informative line of torch's long weights_only message."""
+    """The informative line of torch's long ``weights_only`` message (which also
+    suggests ``weights_only=False``: zooscan never does that)."""
     for line in str(exc).splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return reason.split(". Please use", 1)[0]
-    return _first_line(exc)
+        text = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if text and not text.startswith(_TORCH_BOILERPLATE):
+            return text.split(". Please use", 1)[0].rstrip(".")
+    return "the file holds objects other than tensors"
 
 
 def _read_torch(p: Path, keys: Sequence[str], zipped: bool) -> dict[str, LoadedTensor]:
-    ranges = {}
-    if zipped:
-        index = _torch_zip_index(p)
-        ranges = {info.key: info.byte_range for info in index or []}
-    tensors = dict(_flatten(_torch_load(p, zipped)))
+    archive = _torch_zip_index(p) if zipped else None
+    ranges = {info.key: info.byte_range for info in (archive.infos or [])} if archive else {}
+    tensors = _tensors_of(p, _torch_load(p, archive))
     out = {}
     for wanted in keys:
         key = resolve_key(list(tensors), wanted)
@@ -640,31 +929,59 @@ def _read_torch(p: Path, keys: Sequence[str], zipped: bool) -> dict[str, LoadedT
 
 def _npz_index(p: Path) -> list[TensorInfo]:
     infos = []
+    size = p.stat().st_size
     try:
         with zipfile.ZipFile(p) as zf, open(p, "rb") as fh:
             for member in zf.infolist():
-                infos.append(_npz_member_info(zf, fh, member))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{p}: corrupt or truncated npz archive ({exc})") from exc
+                _check_member(p, member, size)
+                infos.append(_npz_member_info(p, zf, fh, member))
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(
+            f"{p}: corrupt or truncated npz archive ({_first_line(exc)})"
+        ) from exc
     return infos
 
 
-def _npz_member_info(zf: zipfile.ZipFile, fh, member: zipfile.ZipInfo) -> TensorInfo:
+def _npz_member_info(p: Path, zf: zipfile.ZipFile, fh, member: zipfile.ZipInfo) -> TensorInfo:
     key = member.filename.removesuffix(".npy")
     with zf.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        shape, fortran, dtype = read_npy_header(stream, key, str(p))
         header_len = stream.tell()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject:  # object arrays are pickles: listed, refused when read
+        check_npy_size(key, shape, dtype, member.file_size - header_len, str(p))
     byte_range = None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     little = dtype.byteorder in "<|" or (dtype.byteorder == "=" and sys.byteorder == "little")
     if member.compress_type == zipfile.ZIP_STORED and not fortran and little:
         start = _zip_data_offset(fh, member) + header_len
         byte_range = (start, start + nbytes)
     return TensorInfo(key, tuple(int(s) for s in shape), dtype.name, byte_range)
+
+
+def read_npy_header(stream, key: str, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from an ``.npy`` header (``stream`` is left at
+    the data). numpy evaluates the header's Python literal, so a damaged one raises
+    anything from ``ValueError`` to ``SyntaxError``: all become :class:`CheckpointError`."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(stream)
+        return np.lib.format.read_array_header_2_0(stream)
+    except Exception as exc:  # a damaged header: any parse error
+        raise CheckpointError(
+            f"{where}: bad npy header in member {key!r} ({type(exc).__name__})"
+        ) from None
+
+
+def check_npy_size(key: str, shape: tuple, dtype: np.dtype, data_bytes: int, where: str) -> None:
+    """An ``.npy`` member's header (shape, dtype) must describe exactly the ``data_bytes``
+    that follow it: numpy allocates what the header says before reading."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != data_bytes:
+        raise CheckpointError(
+            f"{where}: npz member {key!r} declares {dtype}{list(shape)} ({nbytes} bytes) "
+            f"but holds {data_bytes} bytes"
+        )
 
 
 def _read_npz(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
@@ -674,15 +991,19 @@ def _read_npz(p: Path, keys: Sequence[str]) -> dict[str, LoadedTensor]:
         with np.load(p, allow_pickle=False) as npz:
             for wanted in keys:
                 key = resolve_key(list(index), wanted)
+                if index[key].dtype == "object":  # allow_pickle stays False: refuse clearly
+                    reason = f"npz member {key!r} holds Python objects (a pickle)"
+                    raise refused_unpickle(str(p), reason)
                 out[wanted] = loaded_array(key, npz[key], index[key].byte_range)
     except CheckpointError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{p}: unreadable npz member ({exc})") from exc
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(f"{p}: unreadable npz member ({_first_line(exc)})") from exc
     return out
 
 
 def loaded_array(key: str, array: np.ndarray, byte_range) -> LoadedTensor:
+    """A :class:`LoadedTensor` of a numpy ``array`` (as :func:`loaded_tensor`)."""
     if array.dtype.kind not in "fiub":
         raise CheckpointError(f"tensor {key!r} has dtype {array.dtype}, not a real-valued weight")
     stored = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))

@@ -26,12 +26,15 @@ so a remote read is bit-identical to a local one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import os
+import posixpath
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,10 +163,28 @@ def sharded_safetensors(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{f.display}: weight_map is not a mapping of names to files")
-    folder = os.path.dirname(index_filename)
+    bad = sorted({shard for shard in weight_map.values() if not _is_repo_path(shard)})
+    if bad:
+        raise CheckpointError(
+            f"{f.display}: weight_map names files outside the repository: {', '.join(bad[:3])}"
+        )
+    folder = posixpath.dirname(index_filename)
     return {
-        key: os.path.join(folder, shard) if folder else shard for key, shard in weight_map.items()
+        key: posixpath.join(folder, shard) if folder else shard for key, shard in weight_map.items()
     }
+
+
+def _is_repo_path(name: str) -> bool:
+    """True for a relative path inside a repository: no ``..`` part, not absolute, no
+    backslash or drive, no control character."""
+    parts = name.split("/")
+    return bool(name) and not (
+        name.startswith("/")
+        or "\\" in name
+        or ":" in parts[0]
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(ch) < 32 for ch in name)
+    )
 
 
 # ------------------------------------------------------------------------------ reader
@@ -368,12 +389,22 @@ def _member_bytes(reader: _Reader, entry: ZipEntry, lo: int, hi: int) -> tuple[i
     return data_start, reader.read(start, end)
 
 
-def _whole_member(reader: _Reader, entry: ZipEntry) -> tuple[int, bytes]:
-    """A member's uncompressed data, checked against its CRC-32."""
+def _whole_member(
+    reader: _Reader, entry: ZipEntry, limit: int = checkpoints.MAX_INFLATED_BYTES
+) -> tuple[int, bytes]:
+    """A member's uncompressed data, checked against its CRC-32. A member larger than
+    ``limit`` (compressed or inflated) is refused before a byte of it is read, and
+    inflating never produces more than the size the directory declares."""
+    size = max(entry.size, entry.compressed_size)
+    if size > limit:
+        raise CheckpointError(
+            f"{reader.f.display}: zip member {entry.name!r} would be {size} bytes "
+            f"(more than {limit}): refused as a zip bomb"
+        )
     data_start, raw = _member_bytes(reader, entry, 0, entry.compressed_size)
     if entry.method == DEFLATED:
         try:
-            raw = zlib.decompressobj(-15).decompress(raw)
+            raw = zlib.decompressobj(-15).decompress(raw, entry.size + 1)
         except zlib.error as exc:
             raise CheckpointError(f"{reader.f.display}: corrupt member {entry.name!r}") from exc
     elif entry.method != STORED:
@@ -399,9 +430,15 @@ class _TorchZipIndex(_Index):
         self.reader = reader
         self.entries = entries
         self.archive = pkl_name[: -len("data.pkl")]
-        _, pkl = _whole_member(reader, entries[pkl_name])
+        _, pkl = _whole_member(reader, entries[pkl_name], checkpoints.MAX_PICKLE_BYTES)
         try:
             self.refs = checkpoints.scan_torch_pickle(pkl)
+        except checkpoints.PickleRefused as exc:
+            if not exc.torch_may_allow:  # torch would refuse it too: no download
+                raise checkpoints.refused_unpickle(reader.f.display, str(exc)) from None
+            raise _NeedWholeFile from exc
+        except checkpoints.UnboundedStructure as exc:  # the same for torch: no download
+            raise CheckpointError(f"{reader.f.display}: {exc}") from None
         except CheckpointError as exc:
             raise _NeedWholeFile from exc
         self.big_endian = self._big_endian()
@@ -525,23 +562,33 @@ class _NpzIndex(_Index):
         head_len = min(entry.compressed_size, NPY_HEADER_READ)
         data_start, head = _member_bytes(self.reader, entry, 0, head_len)
         if entry.method == DEFLATED:
-            head = zlib.decompressobj(-15).decompress(head)
+            try:
+                head = zlib.decompressobj(-15).decompress(head, NPY_HEADER_READ)
+            except zlib.error as exc:
+                raise CheckpointError(f"{self.reader.f.display}: bad npy member {key!r}") from exc
         stream = io.BytesIO(head)
-        try:
-            version = np.lib.format.read_magic(stream)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(stream)
-        except (ValueError, EOFError) as exc:
-            raise CheckpointError(f"{self.reader.f.display}: bad npy member {key!r}") from exc
+        shape, fortran, dtype = self._npy_header(stream, key, entry.size)
         byte_range = None
         if entry.method == STORED and not fortran and dtype.byteorder in "<|=":
             begin = data_start + stream.tell()
-            byte_range = (begin, begin + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            byte_range = (begin, begin + math.prod(shape) * dtype.itemsize)
         return TensorInfo(key, tuple(int(x) for x in shape), dtype.name, byte_range)
+
+    def _npy_header(self, stream: io.BytesIO, key: str, member_size: int):
+        """``(shape, fortran_order, dtype)`` of an ``.npy`` member whose data, after the
+        header, must be exactly the bytes the header describes (object arrays aside:
+        they are refused when read)."""
+        shape, fortran, dtype = checkpoints.read_npy_header(stream, key, self.reader.f.display)
+        if not dtype.hasobject:
+            data_bytes = member_size - stream.tell()
+            checkpoints.check_npy_size(key, shape, dtype, data_bytes, self.reader.f.display)
+        return shape, fortran, dtype
+
+    def _check_no_objects(self, key: str, dtype: np.dtype) -> None:
+        if dtype.hasobject:
+            raise checkpoints.refused_unpickle(
+                self.reader.f.display, f"npz member {key!r} holds Python objects (a pickle)"
+            )
 
     def prefetch(self, keys: Sequence[str]) -> None:
         self.reader.prefetch(
@@ -557,6 +604,9 @@ class _NpzIndex(_Index):
             entry = self.entries[key]
             data_start, data = _whole_member(self.reader, entry)
             stream = io.BytesIO(data)
+            _, _, dtype = self._npy_header(stream, key, len(data))
+            self._check_no_objects(key, dtype)
+            stream.seek(0)
             try:
                 array = np.lib.format.read_array(stream, allow_pickle=False)
             except ValueError as exc:
@@ -581,19 +631,34 @@ class _WholeFileIndex(_Index):
 
     def __init__(self, client: HubClient, f: RemoteFile) -> None:
         super().__init__()
+        self.display = f.display
         self._dir = tempfile.TemporaryDirectory(prefix="zooscan-fetch-")
         self.path = os.path.join(self._dir.name, "checkpoint")
-        with open(self.path, "wb") as fh:
-            fh.write(client.read_all(f))
-        self.format = checkpoints.checkpoint_format(self.path)
-        self._infos = checkpoints.list_tensors(self.path)
+        try:
+            with open(self.path, "wb") as fh:
+                fh.write(client.read_all(f))
+            with self._named():
+                self.format = checkpoints.checkpoint_format(self.path)
+                self._infos = checkpoints.list_tensors(self.path)
+        except BaseException:
+            self._dir.cleanup()
+            raise
         self.keys = [info.key for info in self._infos]
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """Errors name the remote file, not the temporary copy."""
+        try:
+            yield
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(self.path, self.display)) from exc
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
 
     def load(self, key: str) -> LoadedTensor:
-        return checkpoints.read_tensors(self.path, [key])[key]
+        with self._named():
+            return checkpoints.read_tensors(self.path, [key])[key]
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -632,7 +697,7 @@ def _tensor_from_bytes(raw: bytes, dtype: str, shape: tuple[int, ...], key: str)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise CheckpointError(f"tensor {key!r} has unsupported dtype {dtype}")
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype)
     return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)

@@ -26,6 +26,9 @@ LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 """The fixed 30-byte part of a local file header."""
 MAX_EOCD_SEARCH = 22 + 0xFFFF
 """The end record (22 bytes) plus the longest possible archive comment."""
+MAX_CENTRAL_DIRECTORY = 32 * 1024 * 1024
+"""Largest central directory read (about 250 000 torch members): a checkpoint claiming
+more is refused before the directory is fetched or parsed."""
 
 STORED = 0
 DEFLATED = 8
@@ -60,6 +63,15 @@ def find_central_directory(tail: bytes, tail_start: int, file_size: int) -> tupl
             f"corrupt zip: central directory [{cd_offset}, {cd_offset + cd_size}) is outside "
             f"the file ({file_size} bytes)"
         )
+    if cd_size > MAX_CENTRAL_DIRECTORY:
+        raise CheckpointError(
+            f"zip central directory of {cd_size} bytes is larger than any checkpoint's "
+            f"({MAX_CENTRAL_DIRECTORY}): refused"
+        )
+    if entries * _CENTRAL.size > cd_size:
+        raise CheckpointError(
+            f"corrupt zip: {entries} members claimed in a central directory of {cd_size} bytes"
+        )
     return cd_offset, cd_size, entries
 
 
@@ -79,9 +91,18 @@ def parse_central_directory(data: bytes, entries: int, file_size: int) -> dict[s
         raw_name = data[start : start + name_len]
         extra = data[start + name_len : start + name_len + extra_len]
         usize, csize, offset = _apply_zip64_extra(extra, usize, csize, offset)
-        name = raw_name.decode("utf-8" if fields[5] & 0x800 else "cp437")
+        try:
+            name = raw_name.decode("utf-8" if fields[5] & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"corrupt zip: member name {raw_name!r} is not UTF-8") from None
         if offset + LOCAL_HEADER.size + csize > file_size:
             raise CheckpointError(f"corrupt zip: member {name!r} lies outside the file")
+        if name in out:
+            raise CheckpointError(f"corrupt zip: two members named {name!r}")
+        if method == STORED and csize != usize:
+            raise CheckpointError(
+                f"corrupt zip: stored member {name!r} claims {usize} bytes but holds {csize}"
+            )
         out[name] = ZipEntry(name, method, crc, csize, usize, offset)
         pos = start + name_len + extra_len + comment_len
     return out
