@@ -589,3 +589,13 @@ def test_whitening_index_undefined_cases():
     assert math.isnan(whitening_index([1.0, 0.5], [1.0, 1.0]))
     # Components with lambda = 0 are left out, not log(0).
     assert whitening_index([1.0, 0.5, 0.7], [1.0, 2.0, 0.0]) == pytest.approx(1.0)
+
+
+def test_energy_profile_of_huge_finite_weights_does_not_overflow():
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(8, 3, 3, 3))
+    components = np.linalg.qr(rng.normal(size=(27, 27)))[0]
+    expected = energy_profile(weight, components)
+    huge = energy_profile(weight * 1e200, components)
+    assert np.all(np.isfinite(huge))
+    np.testing.assert_allclose(huge, expected, rtol=1e-12)

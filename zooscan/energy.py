@@ -237,6 +237,11 @@ def _analysed_projections(
 
 
 def _energy(projections: np.ndarray) -> np.ndarray:
+    # Scaled by the largest coefficient first, so that huge (finite) weights cannot
+    # overflow when squared; the profile is divided by its maximum anyway.
+    scale = np.max(np.abs(projections), initial=0.0)
+    if scale > 0:
+        projections = projections / scale
     energy = np.sqrt(np.mean(projections**2, axis=0))
     peak = energy.max(initial=0.0)
     return energy / peak if peak > 0 else energy
