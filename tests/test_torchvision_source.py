@@ -382,8 +382,9 @@ def test_uncached_weights_are_fetched_by_ranged_requests(torch_home, resnet50_bl
     assert sent <= tensor_bytes + 150_000 < blob.stat().st_size / 100
     assert layer.provenance.sha256 == _sha(state["conv1.weight"].numpy().tobytes())
     assert not tv.cache_path(weights.url).exists()
-    # HEAD, head block, tail block (central directory), conv1's storage past the head
-    assert [r.method for r in requests] == ["HEAD", "GET", "GET", "GET"]
+    # HEAD, head block, tail block (central directory), conv1's storage past the head;
+    # the server logs a request when it completes, so the order may interleave
+    assert sorted(r.method for r in requests) == ["GET", "GET", "GET", "HEAD"]
     assert planned["cached"] is False and planned["requests"] == len(requests)
     assert planned["bytes"] == pytest.approx(body, rel=0.10)
 
