@@ -287,6 +287,12 @@ def scan_cmd(
                     click.echo(f"{outcome} {ref.name}")
                     sys.stdout.flush()
 
+            def on_basis(shape_key: tuple[int, int, int]):
+                if verbose:
+                    click.echo(f"computing basis {shape_label(shape_key)} on {patch_dataset.key}")
+                    sys.stdout.flush()
+                return progress.basis(shape_key)
+
             summary = run_scan(
                 store,
                 source,
@@ -295,7 +301,7 @@ def scan_cmd(
                 workers=workers,
                 centered=not uncentered,
                 on_model=on_model,
-                basis_progress=progress.basis,
+                basis_progress=on_basis,
             )
     if fmt == "json":
         echo_json({"source": source.name, "store": str(path), **summary.as_dict()})
@@ -303,6 +309,11 @@ def scan_cmd(
         _print_summary(summary, path)
     if summary.interrupted:
         sys.exit(130)
+    if summary.stopped:
+        raise click.ClickException(
+            f"the scan stopped: {summary.stopped}. The {summary.stored} models stored before "
+            "are safe; free space and run the same command to resume"
+        )
     if summary.failed:
         raise click.ClickException(
             f"{len(summary.failed)} of {len(plan.todo)} models failed (recorded in {path}; "
@@ -311,8 +322,9 @@ def scan_cmd(
 
 
 def _print_summary(summary, path: Path) -> None:
+    state = "interrupted" if summary.interrupted else "stopped" if summary.stopped else "done"
     click.echo(
-        f"{'interrupted' if summary.interrupted else 'done'}: stored {summary.stored}, "
+        f"{state}: stored {summary.stored}, "
         f"skipped {summary.skipped_stored} already stored"
         + (f" and {summary.skipped_failed} failed before" if summary.skipped_failed else "")
         + f", failed {len(summary.failed)} — {summary.seconds:.1f} s, "
@@ -610,6 +622,66 @@ def fit_cmd(models, all_models, store_path, source_name, dataset, fmt) -> None:
         echo_frame(frame, "table")
     else:
         echo_frame(pd.DataFrame(rows), fmt)
+
+
+@cli.command("fsck")
+@store_option
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what is safe: fold the journal, set damaged entries aside, delete stale "
+    "temporaries, move damaged models to the failures (a re-scan redoes them).",
+)
+@format_option(("table", "json"))
+def fsck_cmd(store_path, repair, fmt) -> None:
+    """Check a store: schema, every group and dataset readable, data digests, shapes,
+    energy against projections, weights against their provenance sha256, journal and
+    temporaries. Exit status 0 when no problem remains, 1 otherwise."""
+    from zooscan.fsck import check_store
+
+    report = check_store(resolve_store(store_path), repair=repair)
+    if fmt == "json":
+        echo_json(report.as_dict())
+    else:
+        _print_fsck(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _print_fsck(report) -> None:
+    c = report.checked
+    click.echo(
+        f"checked {report.store}: {c.get('models', 0)} models, {c.get('bases', 0)} bases, "
+        f"{c.get('runs', 0)} runs, {c.get('failures', 0)} failures, "
+        f"{c.get('journal_entries', 0)} journal entries; {c.get('datasets', 0)} datasets read"
+    )
+    if c.get("models"):
+        click.echo(
+            f"provenance: {c.get('provenance_verified', 0)} weights match the sha256 of their "
+            f"checkpoint tensor, {c.get('provenance_not_comparable', 0)} cannot be compared "
+            "(derived, several tensors, or no sha256)"
+        )
+    for problem in report.problems:
+        if problem.repaired:
+            action = f"repaired: {problem.repair}"
+        elif problem.repair:
+            action = f"--repair: {problem.repair}"
+        else:
+            action = "cannot be repaired safely"
+        click.echo(f"problem: {problem.line()} [{action}]")
+    if report.repair:
+        for problem in report.remaining:
+            click.echo(f"remains: {problem.line()}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if report.ok:
+        click.echo("clean" if not report.problems else "clean after repair")
+    else:
+        fixable = sum(1 for p in report.remaining if p.repair)
+        click.echo(
+            f"{len(report.remaining)} problems remain"
+            + (f" ({fixable} fixable with --repair)" if fixable and not report.repair else "")
+        )
 
 
 @cli.command("demo")

@@ -3,21 +3,31 @@
 Sources fetch first layers in worker threads; everything that touches the store
 (h5py runs one call at a time) happens on the calling thread, the single writer.
 A model that fails is recorded in the store with its reason and the scan goes on.
+
+Stopping early never damages the store: Ctrl-C (SIGINT) stops the scan at once except
+inside a store write, which completes first; a store that cannot be written (a full
+disk) stops the scan with the reason in :attr:`ScanSummary.stopped`. Either way every
+model reported before is kept, and the next scan resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import FrameType
 
 import numpy as np
 
 from zooscan.energy import analyse, to_pixel_space
-from zooscan.errors import DatasetError, ModelError, UserError
+from zooscan.errors import DatasetError, ModelError, StoreError, UserError
 from zooscan.patches import compute_basis
 from zooscan.records import (
     FirstLayer,
@@ -28,7 +38,12 @@ from zooscan.records import (
     Source,
     basis_id,
 )
-from zooscan.store import Store
+from zooscan.store import DAMAGED, Store
+
+logger = logging.getLogger("zooscan.scan")
+
+_POLL_SECONDS = 0.2
+"""How often the scan loop looks up from waiting on fetches (to honour a Ctrl-C)."""
 
 
 @dataclass
@@ -47,6 +62,8 @@ class ScanSummary:
     bytes_fetched: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    stopped: str | None = None
+    """Why the scan stopped before the end (the store could not be written), else None."""
 
     @property
     def failures_by_reason(self) -> dict[str, int]:
@@ -67,6 +84,7 @@ class ScanSummary:
             "bytes_fetched": self.bytes_fetched,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
+            "stopped": self.stopped,
         }
 
 
@@ -95,6 +113,7 @@ class BasisCache:
         centered: bool = True,
         on_compute: Callable[[str], None] | None = None,
         progress: Callable[[tuple[int, int, int]], Callable[[int], None] | None] | None = None,
+        guard: InterruptGuard | None = None,
     ):
         self.store = store
         self.dataset = dataset
@@ -103,6 +122,8 @@ class BasisCache:
         self.progress = progress
         self._bases: dict[tuple[int, int, int], PatchBasis] = {}
         self._unavailable: dict[tuple[int, int, int], str] = {}
+        self.guard = guard
+        """Storing a basis is a store write that Ctrl-C waits for (:func:`run_scan`)."""
 
     def get(self, shape_key: tuple[int, int, int]) -> PatchBasis:
         """The basis for ``(C, kh, kw)``; raises :class:`DatasetError` if it cannot exist."""
@@ -124,7 +145,8 @@ class BasisCache:
                 finally:
                     if report is not None and hasattr(report, "close"):
                         report.close()
-                self.store.put_basis(basis)
+                with self.guard.store_write() if self.guard else contextlib.nullcontext():
+                    self.store.put_basis(basis)
                 if self.on_compute:
                     self.on_compute(basis.id)
             self._bases[shape_key] = basis
@@ -153,7 +175,9 @@ def plan_scan(
         what = " ".join(patterns) if patterns else "(all)"
         raise UserError(f"source {source.name!r} has no model matching {what}")
     stored_names = {n for _, n in store.models(source.name)} if store else set()
-    failed_names = {f["name"] for f in store.failures(source.name)} if store else set()
+    failures = store.failures(source.name) if store else []
+    # models that `zooscan fsck --repair` dropped failed through no fault of their own
+    failed_names = {f["name"] for f in failures if f["error_class"] != DAMAGED}
     todo, stored, failed_before = [], [], []
     for ref in listed:
         if ref.name in stored_names:
@@ -226,6 +250,56 @@ def _limited(refs: Iterable[ModelRef], limit: int | None) -> Iterable[ModelRef]:
         yield ref
 
 
+class InterruptGuard:
+    """Ctrl-C for a scan running in the main thread: SIGINT raises
+    :class:`KeyboardInterrupt` at once (a basis computation or a wait for fetches
+    stops), except inside :meth:`store_write`, where it is held until :meth:`check`
+    (a commit is never cut in half). Outside the main thread, or when SIGINT is
+    ignored, it changes nothing."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._previous: Callable | int | None = None
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._depth:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def store_write(self) -> Iterator[None]:
+        """A block that SIGINT does not interrupt (it is held for :meth:`check`)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def check(self) -> None:
+        """Raise the :class:`KeyboardInterrupt` held during a store write, if any."""
+        if not self._depth and self.take():
+            raise KeyboardInterrupt
+
+    def take(self) -> bool:
+        """Whether a SIGINT is being held (and forget it)."""
+        pending, self._pending = self._pending, False
+        return pending
+
+
 def run_scan(
     store: Store,
     source: Source,
@@ -240,8 +314,10 @@ def run_scan(
     """Fetch, analyse and commit every model in ``plan.todo``.
 
     ``on_model(ref, outcome)`` is called once per model with ``"stored"`` or
-    ``"failed"``. Ctrl-C stops cleanly: what was committed stays, the summary says
-    ``interrupted``.
+    ``"failed"``, after the outcome is durable in the store. Ctrl-C stops cleanly: what
+    was committed stays, the summary says ``interrupted``. A store write that fails
+    (:class:`StoreError`, e.g. a full disk) stops the scan: the summary's ``stopped``
+    holds the reason, and the models stored before are kept.
     """
     summary = ScanSummary(
         listed=len(plan.listed),
@@ -249,32 +325,55 @@ def run_scan(
         skipped_failed=len(plan.failed_before),
     )
     started = time.monotonic()
+    guard = InterruptGuard()
     bases = BasisCache(
-        store, dataset, centered, on_compute=summary.bases_computed.append, progress=basis_progress
+        store,
+        dataset,
+        centered,
+        on_compute=summary.bases_computed.append,
+        progress=basis_progress,
+        guard=guard,
     )
     pending = list(reversed(plan.todo))
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zooscan-fetch")
     running: dict[Future, ModelRef] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, workers) * 2:
-                ref = pending.pop()
-                running[pool.submit(source.load_first_layer, ref)] = ref
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                ref = running.pop(future)
-                outcome = _commit_one(store, source.name, ref, future, bases, summary)
-                if on_model:
-                    on_model(ref, outcome)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        for future in running:
-            future.cancel()
-    finally:
-        pool.shutdown(wait=not summary.interrupted, cancel_futures=True)
-        store.flush()
-        summary.seconds = time.monotonic() - started
+    with guard:
+        try:
+            while pending or running:
+                while pending and len(running) < max(1, workers) * 2:
+                    ref = pending.pop()
+                    running[pool.submit(source.load_first_layer, ref)] = ref
+                done, _ = wait(running, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ref = running.pop(future)
+                    outcome = _commit_one(store, source.name, ref, future, bases, summary, guard)
+                    if on_model:
+                        on_model(ref, outcome)
+                    guard.check()
+                guard.check()
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        except StoreError as exc:
+            summary.stopped = str(exc)
+        finally:
+            with guard.store_write():  # a Ctrl-C now is noted, the flush still completes
+                early = summary.interrupted or summary.stopped is not None
+                for future in running:
+                    future.cancel()
+                pool.shutdown(wait=not early, cancel_futures=True)
+                if summary.stopped is None:  # else the store cannot be written: keep the journal
+                    _flush(store)
+            summary.interrupted = summary.interrupted or guard.take()
+            summary.seconds = time.monotonic() - started
     return summary
+
+
+def _flush(store: Store) -> None:
+    """Compact the store's journal; a failure (a full disk) loses nothing: warn."""
+    try:
+        store.flush()
+    except StoreError as exc:
+        logger.warning("%s (the journal keeps every commit; the next scan compacts it)", exc)
 
 
 def _commit_one(
@@ -284,6 +383,7 @@ def _commit_one(
     future: Future,
     bases: BasisCache,
     summary: ScanSummary,
+    guard: InterruptGuard,
 ) -> str:
     try:
         layer = future.result()
@@ -294,15 +394,19 @@ def _commit_one(
         except DatasetError as exc:
             summary.unanalysed.append((ref.name, str(exc)))
         record = ModelRecord(source_name, ref.name, layer, analyses, scanned_at=utc_now())
+    except StoreError:
+        raise  # the store cannot be written: that stops the scan, it is not this model's fault
     except Exception as exc:  # one failing model never stops the scan
         error = type(exc).__name__
         message = str(exc) or repr(exc)
         if not isinstance(exc, ModelError):
             message = f"unexpected {error}: {message}"
-        store.record_failure(source_name, ref.name, error, message)
+        with guard.store_write():
+            store.record_failure(source_name, ref.name, error, message)
         summary.failed.append((ref.name, error, message))
         return "failed"
-    store.commit_model(record)
+    with guard.store_write():
+        store.commit_model(record)
     summary.stored += 1
     summary.bytes_fetched += int(layer.provenance.bytes_fetched or 0)
     return "stored"

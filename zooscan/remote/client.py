@@ -414,7 +414,15 @@ class HubClient:
             offset = len(buf)
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             what = f.display + (f" from byte {offset}" if offset else "")
-            resp = self._file_get(f, headers, None, what, resumable=True)
+            accept = frozenset({416}) if offset else frozenset()
+            resp = self._file_get(f, headers, None, what, accept=accept, resumable=True)
+            if resp.status == 416:  # nothing after `offset`: a Content-Length said more
+                if _content_range_total(resp.header("Content-Range")) != offset:
+                    raise HubUnavailable(
+                        f"{f.display}: resuming at byte {offset} was refused "
+                        f"({resp.header('Content-Range')!r})"
+                    )
+                break
             if resp.status == 206:
                 _check_resume(resp, f, offset)
             else:
@@ -428,8 +436,20 @@ class HubClient:
                 f"{f.display}: download still incomplete after {self.max_retries + 1} attempts "
                 f"({len(buf)} bytes)"
             )
+        self._confirm_size(f, len(buf))
         _check_whole(f, bytes(buf))
         return bytes(buf)
+
+    def _confirm_size(self, f: RemoteFile, received: int) -> None:
+        """When a whole download's size differs from the size :meth:`resolve` got from
+        a ``HEAD`` for a file no sha256 vouches for, one of the ``Content-Length``
+        headers lied: locate the file again for its size (``f.size`` updated; the
+        caller then checks the download against it)."""
+        if f.size in (None, received) or f.sha256 or not f.resolve_url:
+            return
+        context = _file_context(f) if f.repo else {"url": f.resolve_url}
+        self._count(retries=1)
+        f.size = self._locate(f.resolve_url, context, follow_all=f.repo is None).size
 
     def json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """``GET {endpoint}{path}`` (``path`` like ``/api/models``; a full URL is used
@@ -496,9 +516,12 @@ class HubClient:
         found.etag = found.etag or _normalize_etag(resp.header("ETag"))
         return found
 
-    def _file_get(self, f: RemoteFile, headers, check, what: str, **options) -> _Response:
+    def _file_get(
+        self, f: RemoteFile, headers, check, what: str, accept=frozenset(), **options
+    ) -> _Response:
         """GET on ``f.url`` (redirects followed); an expired or moved CDN URL (403,
-        404, 410 off the hub) is located again once through ``f.resolve_url``."""
+        404, 410 off the hub) is located again once through ``f.resolve_url``. An error
+        status in ``accept`` is returned instead of raised."""
         resp = self._follow("GET", f.url, headers, check, what, file=f, **options)
         expired = resp.status in (403, 404, 410) and _origin(f.url) != self._hub_origin
         if expired and f.resolve_url and f.resolve_url != f.url:
@@ -506,7 +529,8 @@ class HubClient:
             fresh = self._locate(f.resolve_url, context, follow_all=f.repo is None)
             f.url = fresh.url
             resp = self._follow("GET", f.url, headers, check, what, file=f, **options)
-        self._raise_for_status(resp, _file_context(f))
+        if resp.status not in accept:
+            self._raise_for_status(resp, _file_context(f))
         return resp
 
     def _api_url(self, path: str, params: Mapping[str, Any] | None) -> str:
@@ -934,10 +958,12 @@ def _parse_rate_limit(value: str | None, policy: str | None) -> tuple[int, float
 
 
 def _content_range_total(value: str | None) -> int | None:
-    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
-    if not match or match.group(3) == "*":
+    """The complete length in a ``Content-Range`` (``bytes 0-9/100``, or ``bytes */100``
+    as a 416 gives it); ``None`` when absent or unknown."""
+    match = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+|\*)", (value or "").strip())
+    if not match or match.group(1) == "*":
         return None
-    return int(match.group(3))
+    return int(match.group(1))
 
 
 def _check_content_range(resp: _Response, f: RemoteFile, start: int, end: int | None) -> None:

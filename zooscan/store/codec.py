@@ -7,6 +7,7 @@ from what HDF5 holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,8 +23,11 @@ from zooscan.records import FirstLayer, PatchBasis, Provenance
 
 __all__ = [
     "BASIS_ARRAYS",
+    "DIGEST_ATTR",
+    "array_digest",
     "basis_attrs",
     "basis_from",
+    "create_dataset",
     "json_text",
     "layer_attrs",
     "layer_from_attrs",
@@ -36,6 +40,9 @@ __all__ = [
 
 BASIS_ARRAYS = ("components", "eigenvalues", "mean", "second_moment")
 """The datasets of a basis group, each float64."""
+DIGEST_ATTR = "sha256"
+"""Attribute of every dataset the store writes: :func:`array_digest` of its data, so
+``zooscan fsck`` can tell whether the bytes read back are the bytes written."""
 
 _FLOAT_LISTS = frozenset({"mean", "std"})
 _LAYER_TEXT = ("module", "kind", "channel_order")
@@ -208,6 +215,21 @@ def basis_from(attrs: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Pa
         n_patches=int(attrs["n_patches"]),
         n_images=int(attrs["n_images"]),
     )
+
+
+def array_digest(data: np.ndarray) -> str:
+    """sha256 (hex) of an array's elements in C order, little-endian, in its dtype."""
+    arr = np.asarray(data)
+    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return hashlib.sha256(little.tobytes()).hexdigest()
+
+
+def create_dataset(group: h5py.Group, name: str, data: np.ndarray, **options: Any) -> h5py.Dataset:
+    """``group.create_dataset(name, data=data, **options)`` stamped with the digest
+    (:data:`DIGEST_ATTR`) of the data as stored (in the dataset's dtype)."""
+    ds = group.create_dataset(name, data=data, **options)
+    ds.attrs[DIGEST_ATTR] = array_digest(np.asarray(data, dtype=ds.dtype))
+    return ds
 
 
 def _h5_value(key: str, value: Any) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 from zooscan.errors import StoreError
 from zooscan.records import ModelRecord, RunRecord
 from zooscan.store.codec import (
+    create_dataset,
     json_text,
     layer_attrs,
     layer_from_attrs,
@@ -247,11 +248,12 @@ def write_run(runs: h5py.Group, run_id: str, run: PendingRun) -> int:
     wasted = _drop(runs, name)
     g = runs.create_group(name)
     write_attrs(g, run.attrs)
-    g.create_dataset("steps", data=np.asarray(run.steps, dtype=np.int64))
+    create_dataset(g, "steps", np.asarray(run.steps, dtype=np.int64))
     snapshots = np.asarray(run.snapshots, dtype=np.float32)
-    g.create_dataset(
+    create_dataset(
+        g,
         "snapshots",
-        data=snapshots,
+        snapshots,
         chunks=(1, *snapshots.shape[1:]) if snapshots.size else None,
         compression="gzip" if snapshots.size else None,
         compression_opts=_GZIP_LEVEL if snapshots.size else None,
@@ -259,12 +261,12 @@ def write_run(runs: h5py.Group, run_id: str, run: PendingRun) -> int:
     )
     metrics = g.create_group("metrics")
     for metric, values in run.metrics.items():
-        metrics.create_dataset(escape_name(metric), data=values)
+        create_dataset(metrics, escape_name(metric), values)
     profiles = g.create_group("profiles")
     for kind, by_basis in run.profiles.items():
         group = profiles.create_group(escape_name(kind))
         for bid, values in by_basis.items():
-            ds = group.create_dataset(escape_name(bid), data=np.asarray(values, dtype=np.float64))
+            ds = create_dataset(group, escape_name(bid), np.asarray(values, dtype=np.float64))
             ds.attrs["basis"] = text(bid)
     return wasted
 

@@ -60,6 +60,12 @@ def _check_root(path: Path, h5: h5py.File) -> None:
         )
     if version < 1:
         raise StoreError(f"{path} has an invalid store schema version {version}")
+    for key in ("journal_seq", "wasted_bytes"):
+        value = py_value(h5.attrs.get(key, 0))
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise StoreError(
+                f"{path} has an invalid {key} attribute {value!r}; run zooscan fsck --repair"
+            )
 
 
 def init_root(h5: h5py.File) -> None:

@@ -38,9 +38,22 @@ from zooscan.store.codec import (
     read_attrs,
     text,
 )
-from zooscan.store.compaction import apply_overlay, write_repacked
+from zooscan.store.compaction import (
+    OBJECT_BYTES,
+    SPARE_BYTES,
+    apply_overlay,
+    hdf5_image,
+    write_repacked,
+)
 from zooscan.store.entries import basis_entry, check_analysis, model_entry
-from zooscan.store.files import TMP_INFIX, acquire_lock, release_lock, replace_durably
+from zooscan.store.files import (
+    TMP_INFIX,
+    acquire_lock,
+    release_lock,
+    replace_durably,
+    reserve,
+    write_durably,
+)
 from zooscan.store.journal import CorruptEntry, Entry, Journal
 from zooscan.store.naming import escape_name, unescape_link
 from zooscan.store.overlay import Key, Overlay
@@ -49,11 +62,13 @@ from zooscan.store.schema import init_root, open_main
 from zooscan.store.views import SUMMARY_KEYS, ModelSummary, StoredModel, make_summary
 
 __all__ = [
+    "DAMAGED",
     "DEFAULT_STORE",
     "JOURNAL_SUFFIX",
     "LOCK_SUFFIX",
     "STORE_ENV",
     "Store",
+    "damaged_failure",
     "default_store_path",
 ]
 
@@ -62,6 +77,10 @@ logger = logging.getLogger("zooscan.store")
 DEFAULT_STORE = "zoo.h5"
 """Store path when neither ``--store`` nor ``$ZOOSCAN_STORE`` is given."""
 STORE_ENV = "ZOOSCAN_STORE"
+DAMAGED = "StoreDamaged"
+"""``error_class`` of the failure recorded for a model that ``zooscan fsck --repair``
+removed because its stored data was damaged: a scan retries these without
+``--retry-failed``."""
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
 
@@ -69,6 +88,19 @@ _REPACK_MIN_WASTE = 1 << 20
 _PENDING_BYTES_CAP = 256 << 20
 _REPACK_RATIO = 0.25
 _SNAPSHOT_TRIES = 200
+
+
+def damaged_failure(reason: str) -> dict[str, Any]:
+    """The failure state recorded for a model removed as damaged: ``error_class``
+    :data:`DAMAGED`, ``reason`` as message, ``attempts`` 0 (no scan of it failed)."""
+    stamp = now()
+    return {
+        "error_class": DAMAGED,
+        "message": text(reason),
+        "attempts": 0,
+        "first_failed_at": stamp,
+        "last_failed_at": stamp,
+    }
 
 
 def default_store_path() -> Path:
@@ -115,6 +147,10 @@ class Store:
         self._pending: list[int] = []
         self._pending_bytes = 0
         self._last_seq = 0
+        self._compact_failed_at = 0
+        """Pending entries when a compaction last failed (0: none failed since): the next
+        batch waits until twice as many are pending, so a full disk is not retried at
+        every commit (nor warned about more than once in a row)."""
         if mode == "r":
             self._h5, self._overlay, self._last_seq = self._snapshot()
         else:
@@ -256,14 +292,9 @@ class Store:
             self._compact_quietly()
 
     def _create_empty(self) -> None:
-        tmp = self._tmp_path()
-        try:
-            with h5py.File(tmp, "w") as h5:
-                init_root(h5)
-            replace_durably(tmp, self._abs)
+        try:  # built in memory: a full disk fails in plain file I/O, not inside HDF5
+            write_durably(self._abs, hdf5_image(init_root), self._tmp_path())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise StoreError(f"cannot create {self.path}: {exc}") from None
 
     def _acquire_lock(self) -> None:
@@ -306,7 +337,11 @@ class Store:
         enough = (
             len(self._pending) >= self.compact_every or self._pending_bytes >= _PENDING_BYTES_CAP
         )
-        if enough and self._pending_bytes >= self.compact_ratio * os.path.getsize(self._abs):
+        if (
+            enough
+            and self._pending_bytes >= self.compact_ratio * os.path.getsize(self._abs)
+            and len(self._pending) >= 2 * self._compact_failed_at
+        ):
             self._compact_quietly()
 
     def _compact_quietly(self) -> None:
@@ -314,7 +349,9 @@ class Store:
         try:
             self._compact()
         except StoreError as exc:
-            logger.warning("%s (the journal keeps every commit)", exc)
+            level = logging.DEBUG if self._compact_failed_at else logging.WARNING
+            self._compact_failed_at = len(self._pending)
+            logger.log(level, "%s (the journal keeps every commit)", exc)
 
     def _compact(self, *, repack: bool = False) -> None:
         """Write main file + journal into a new file, replace the main file atomically."""
@@ -325,12 +362,14 @@ class Store:
         if not self._pending and not repack:
             return
         tmp = self._tmp_path()
+        room = self._pending_bytes + OBJECT_BYTES * len(self._pending) + SPARE_BYTES
         try:
             if repack:
-                write_repacked(h5, tmp)
+                write_repacked(h5, tmp, size + room)
                 wasted = 0
             else:
                 shutil.copyfile(self._abs, tmp)
+                reserve(tmp, size + room)  # a full disk fails here, not inside HDF5
             with h5py.File(tmp, "a") as out:
                 wasted += apply_overlay(out, self._overlay)
                 out.attrs["journal_seq"] = np.int64(self._last_seq)
@@ -347,6 +386,7 @@ class Store:
         self._overlay = Overlay()
         self._pending = []
         self._pending_bytes = 0
+        self._compact_failed_at = 0
 
     def commit_model(self, record: ModelRecord) -> None:
         """Store one model (replacing one of the same source and name) and clear any
