@@ -599,3 +599,15 @@ def test_energy_profile_of_huge_finite_weights_does_not_overflow():
     huge = energy_profile(weight * 1e200, components)
     assert np.all(np.isfinite(huge))
     np.testing.assert_allclose(huge, expected, rtol=1e-12)
+
+
+def test_analyse_refuses_projections_that_overflow():
+    d = 27
+    basis = PatchBasis(
+        dataset="t", channels=3, kh=3, kw=3, centered=True,
+        components=np.full((d, d), 1 / np.sqrt(d)),
+        eigenvalues=np.ones(d), mean=np.zeros(d), second_moment=np.eye(d),
+        n_patches=1, n_images=1,
+    )  # every column sums all 27 entries: 27 * 1e308 overflows
+    with pytest.raises(ModelError, match="overflow"):
+        analyse(np.full((2, 3, 3, 3), 1e308), basis)

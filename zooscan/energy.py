@@ -213,8 +213,14 @@ def analyse(
     ``projections`` are the coefficients of the filters actually analysed (after
     subtracting ``init`` and unit-normalising when asked), so ``energy`` can always be
     recomputed from them: ``sqrt(mean(projections**2, axis=0))`` divided by its max.
+    Raises :class:`ModelError` when they are not finite (nothing non-finite is stored).
     """
     projections = _analysed_projections(layer_weight_pixel, basis, init, normalize_filters)
+    if not np.all(np.isfinite(projections)):
+        raise ModelError(
+            "the filters' projections on the patch basis overflow float64 "
+            "(weights too large, or std too small, in pixel space)"
+        )
     return Analysis(basis_id=basis.id, projections=projections, energy=_energy(projections))
 
 

@@ -86,6 +86,19 @@ _PACE_BELOW = 10
 # ------------------------------------------------------------------------------ errors
 
 
+def is_repo_path(name: str) -> bool:
+    """True for a relative path inside a repository: no ``..`` part, not absolute, no
+    backslash or drive, no control character."""
+    parts = name.split("/")
+    return bool(name) and not (
+        name.startswith("/")
+        or "\\" in name
+        or ":" in parts[0]
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(ch) < 32 for ch in name)
+    )
+
+
 class _HubError(CheckpointError):
     """A refusal from the hub, with its ``X-Error-Code`` when it sent one."""
 
@@ -327,6 +340,10 @@ class HubClient:
         Raises :class:`HubNotFound`, :class:`HubAccessDenied`, :class:`HubOffline` or
         :class:`HubUnavailable`.
         """
+        if not is_repo_path(filename):
+            raise CheckpointError(
+                f"{repo_id}: refusing file name {filename!r}: not a path inside the repository"
+            )
         rev = revision or "main"
         if _SHA1.match(rev) or self.offline:
             local = self.cached(repo_id, filename, rev, repo_type)

@@ -43,7 +43,7 @@ import torch
 from zooscan import checkpoints
 from zooscan.checkpoints import LoadedTensor, TensorInfo, TorchTensorRef, resolve_key
 from zooscan.errors import CheckpointError
-from zooscan.remote.client import HubClient, RemoteFile
+from zooscan.remote.client import HubClient, RemoteFile, is_repo_path
 from zooscan.remote.zipdir import (
     DEFLATED,
     LOCAL_HEADER,
@@ -163,7 +163,7 @@ def sharded_safetensors(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{f.display}: weight_map is not a mapping of names to files")
-    bad = sorted({shard for shard in weight_map.values() if not _is_repo_path(shard)})
+    bad = sorted({shard for shard in weight_map.values() if not is_repo_path(shard)})
     if bad:
         raise CheckpointError(
             f"{f.display}: weight_map names files outside the repository: {', '.join(bad[:3])}"
@@ -172,19 +172,6 @@ def sharded_safetensors(
     return {
         key: posixpath.join(folder, shard) if folder else shard for key, shard in weight_map.items()
     }
-
-
-def _is_repo_path(name: str) -> bool:
-    """True for a relative path inside a repository: no ``..`` part, not absolute, no
-    backslash or drive, no control character."""
-    parts = name.split("/")
-    return bool(name) and not (
-        name.startswith("/")
-        or "\\" in name
-        or ":" in parts[0]
-        or any(part in ("", ".", "..") for part in parts)
-        or any(ord(ch) < 32 for ch in name)
-    )
 
 
 # ------------------------------------------------------------------------------ reader
