@@ -371,11 +371,31 @@ class _Leaves:
 def _sample_leaves(rng: np.random.Generator, count: int, size: int) -> _Leaves:
     per_image = leaves_per_image(size)
     total = count * per_image
-    low, high = RADIUS_MIN**-2, float(size) ** -2
-    radius = (low - rng.random(total) * (low - high)) ** -0.5  # p(r) ~ r^-3
+    radius = _leaf_radii(rng, total, size)
     cy = rng.random(total) * (size + 2 * radius) - radius
     cx = rng.random(total) * (size + 2 * radius) - radius
     image = np.repeat(np.arange(count), per_image)
+    return _with_backgrounds(rng, count, size, image, cy, cx, radius)
+
+
+def _leaf_radii(rng: np.random.Generator, total: int, size: int) -> np.ndarray:
+    """``total`` radii with ``p(r) ~ r^-3`` between :data:`RADIUS_MIN` and ``size``."""
+    low, high = RADIUS_MIN**-2, float(size) ** -2
+    return (low - rng.random(total) * (low - high)) ** -0.5
+
+
+def _with_backgrounds(
+    rng: np.random.Generator,
+    count: int,
+    size: int,
+    image: np.ndarray,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    radius: np.ndarray,
+    minor: np.ndarray | None = None,
+    angle: np.ndarray | None = None,
+) -> _Leaves:
+    """The sampled leaves plus one background disc per image (last), with shading."""
     half = size / 2.0
     background = np.full(count, float(size))
     return _Leaves(
@@ -383,7 +403,9 @@ def _sample_leaves(rng: np.random.Generator, count: int, size: int) -> _Leaves:
         cy=np.concatenate([cy, np.full(count, half)]),
         cx=np.concatenate([cx, np.full(count, half)]),
         radius=np.concatenate([radius, background]),
-        shade=rng.normal(0.0, 0.12, size=(total + count, 2)),
+        shade=rng.normal(0.0, 0.12, size=(len(image) + count, 2)),
+        minor=None if minor is None else np.concatenate([minor, background]),
+        angle=None if angle is None else np.concatenate([angle, np.zeros(count)]),
     )
 
 
@@ -629,8 +651,7 @@ def _sample_oriented_leaves(rng: np.random.Generator, labels: np.ndarray, size: 
     count = len(labels)
     per_image = leaves_per_image(size)
     total = count * per_image
-    low, high = RADIUS_MIN**-2, float(size) ** -2
-    radius = (low - rng.random(total) * (low - high)) ** -0.5
+    radius = _leaf_radii(rng, total, size)
     stretch = np.sqrt(rng.uniform(*ASPECT_RANGE, size=total))
     major, minor = radius * stretch, radius / stretch
     cy = rng.random(total) * (size + 2 * major) - major
@@ -638,17 +659,7 @@ def _sample_oriented_leaves(rng: np.random.Generator, labels: np.ndarray, size: 
     image = np.repeat(np.arange(count), per_image)
     jitter = rng.uniform(-ORIENTATION_JITTER, ORIENTATION_JITTER, size=total)
     angle = labels[image] * (math.pi / N_ORIENTATIONS) + jitter
-    half = size / 2.0
-    background = np.full(count, float(size))
-    return _Leaves(
-        image=np.concatenate([image, np.arange(count)]),
-        cy=np.concatenate([cy, np.full(count, half)]),
-        cx=np.concatenate([cx, np.full(count, half)]),
-        radius=np.concatenate([major, background]),
-        shade=rng.normal(0.0, 0.12, size=(total + count, 2)),
-        minor=np.concatenate([minor, background]),
-        angle=np.concatenate([angle, np.zeros(count)]),
-    )
+    return _with_backgrounds(rng, count, size, image, cy, cx, major, minor, angle)
 
 
 # --- folder:PATH -------------------------------------------------------------------
