@@ -119,3 +119,48 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     result = CliRunner().invoke(build_cli(), ["train", "--store", str(tmp_path / "z.h5"), *args])
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_reproduce_prints_the_papers_tables_on_photos_and_reuses_its_runs(tmp_path, photos):
+    """`zooscan reproduce` end to end on the photo-crop task of real photographs: every
+    comparison of Tab. 1–3 is measured next to the paper's number, the linear CNN
+    matches its exact dynamics, and a second call trains nothing."""
+    from PIL import Image
+
+    from zooscan_builtins.trainer.reproduce import PAPER_CIFAR10
+
+    photo_folder = tmp_path / "photos"
+    photo_folder.mkdir()
+    for name, img in list(photos.items())[:4]:
+        pil = Image.fromarray((img * 255).astype(np.uint8)).resize((200, 150))
+        pil.save(photo_folder / f"{name}.png")
+    store = tmp_path / "zoo.h5"
+    args = ("reproduce", "--scale", "tiny", "--dataset", f"folder:{photo_folder}",
+            "--device", "cpu", "--store", str(store))
+    result = invoke(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dataset"] == f"folder:{photo_folder}"
+    rows = {row["comparison"]: row for row in report["tables"]}
+    assert {name: row["paper"] for name, row in rows.items()} == PAPER_CIFAR10
+    counts = {name: row["n"] for name, row in rows.items()}
+    assert counts == {"seeds": 1, "widths": 1, "trained vs init": 2, "VGG vs ResNet": 2,
+                      "random-label vs init": 2, "true vs random": 2, "formula fit": 2,
+                      "formula fit, random init": 2}
+    assert all(-1.0 <= row["ours"] <= 1.0 for row in rows.values())
+    extras = {row["what"]: row["value"] for row in report["extras"]}
+    assert extras["linear CNN vs exact GD dynamics, min r over snapshots"] >= 0.999
+    assert 0.0 < extras["VGG-11-BN true labels: test acc"] <= 1.0
+
+    with Store(store) as opened:
+        runs = {r: opened.load_run(r) for r in opened.runs()}
+    assert len(runs) == 7
+    assert {r.config["train_images"].split(":")[0] for r in runs.values()} == {"folder"}
+
+    table = invoke(*args)
+    assert table.exit_code == 0, table.output
+    assert "Tab. 1" in table.stdout and "true vs random" in table.stdout
+    assert "NaN" not in table.stdout  # the single widths pair has no sd: shown as "-"
+    with Store(store) as opened:
+        again = {r: opened.load_run(r).created_at for r in opened.runs()}
+    assert again == {r: run.created_at for r, run in runs.items()}

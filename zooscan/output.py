@@ -60,7 +60,7 @@ def echo_frame(frame: pd.DataFrame, fmt: str, *, index: bool = False) -> None:
             "display.max_colwidth",
             60,
         ):
-            click.echo(frame.to_string(index=index, float_format=lambda x: f"{x:.3f}"))
+            click.echo(frame.to_string(index=index, float_format=lambda x: f"{x:.3f}", na_rep="-"))
 
 
 def shape_label(shape_key: tuple[int, int, int]) -> str:

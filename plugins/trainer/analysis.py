@@ -50,14 +50,24 @@ def fit_or_none(profile: np.ndarray, lambdas: np.ndarray) -> dict[str, Any] | No
     return result
 
 
-def summarise_profiles(profiles: dict[str, np.ndarray], basis: PatchBasis) -> dict[str, Any]:
+def snapshot_fits(learned: np.ndarray, basis: PatchBasis) -> list[dict[str, Any] | None]:
+    """The formula fit of each snapshot's learned (init-subtracted) profile."""
+    return [fit_or_none(p, basis.lambdas) for p in learned]
+
+
+def summarise_profiles(
+    profiles: dict[str, np.ndarray],
+    basis: PatchBasis,
+    fits: list[dict[str, Any] | None],
+) -> dict[str, Any]:
     """Fits and comparisons of the final profile: formula fit (``fit_*``), whitening
     index, correlation of what was learned with the init profile (paper Tab. 1 "trained
-    vs init"), and the formula fit of the init profile (Tab. 3 "random init")."""
+    vs init"), and the formula fit of the init profile (Tab. 3 "random init").
+    ``fits`` are :func:`snapshot_fits` of ``profiles["energy"]``."""
     learned, raw = profiles["energy"], profiles["energy_raw"]
-    final = learned[-1] if np.any(learned[-1]) else raw[-1]
-    summary: dict[str, Any] = {"basis": basis.id, "init_subtracted": bool(np.any(learned[-1]))}
-    fit = fit_or_none(final, basis.lambdas)
+    subtracted = bool(np.any(learned[-1]))
+    summary: dict[str, Any] = {"basis": basis.id, "init_subtracted": subtracted}
+    fit = fits[-1] if subtracted else fit_or_none(raw[-1], basis.lambdas)
     if fit is not None:
         summary.update(
             fit_r=fit["r"],
@@ -69,9 +79,7 @@ def summarise_profiles(profiles: dict[str, np.ndarray], basis: PatchBasis) -> di
     init_fit = fit_or_none(raw[0], basis.lambdas)
     summary["init_fit_r"] = init_fit["r"] if init_fit else None
     summary["r_trained_vs_init"] = _pearson_or_none(learned[-1], raw[0])
-    summary["snapshot_fit_r"] = [
-        (f["r"] if f else None) for f in (fit_or_none(p, basis.lambdas) for p in learned)
-    ]
+    summary["snapshot_fit_r"] = [f["r"] if f else None for f in fits]
     return summary
 
 
@@ -83,6 +91,7 @@ def linear_predictions(
     targets: Any,
     lr: float,
     basis: PatchBasis,
+    fits: list[dict[str, Any] | None],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The paper's two predictions for a fixed-sum linear CNN trained by full-batch GD.
 
@@ -91,7 +100,7 @@ def linear_predictions(
     average-patch moments (:mod:`zooscan.theory`), with the per-snapshot agreement
     (``exact_r``, relative weight error, spread between filters). ``closed_form``: the
     paper's Eq. 3 from the patch eigenvalues alone, its one parameter ``s`` fitted per
-    snapshot, next to the ``s`` that ``eta t`` implies under the paper's assumptions
+    snapshot (``fits``: :func:`snapshot_fits` of the learned profiles), next to the ``s`` that ``eta t`` implies under the paper's assumptions
     (``implied_s``) and the one the moments give (``moments_s``). Returns
     ``(profiles, summary)``.
     """
@@ -103,7 +112,6 @@ def linear_predictions(
     deltas = theory.gd_trajectory(moments, init, lr, step_list)
     trained = np.asarray(snapshots, dtype=np.float64) - init[None]
     agreement = theory.trajectory_agreement(trained, deltas, basis, layer=layer)
-    fits = [fit_or_none(p, basis.lambdas) for p in agreement.trained_profiles]
     closed = np.stack(
         [formula_profile(basis.lambdas, f["s"]) if f else np.zeros(basis.dim) for f in fits]
     )

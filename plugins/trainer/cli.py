@@ -222,11 +222,12 @@ def runs_cmd(run_id, store_path, kind, plot, fmt) -> None:
 @click.command("reproduce")
 @click.option(
     "--scale",
-    type=click.Choice(["demo", "small", "full"]),
+    type=click.Choice(["tiny", "demo", "small", "full"]),
     default="small",
     show_default=True,
-    help="demo: the demo's small zoo (seconds); small: synthetic data, 2 CPU cores, "
-    "minutes; full: CIFAR-10, the paper's setting, a GPU.",
+    help="tiny: a smoke test (seconds); demo: the demo's small zoo (under a minute); "
+    "small: synthetic data, 2 CPU cores, minutes; full: CIFAR-10, the paper's setting, "
+    "a GPU.",
 )
 @click.option("--dataset", "-d", help="Another labelled dataset (e.g. folder:PHOTOS).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)

@@ -3,7 +3,6 @@ compared the paper's way, and next to the scanned models."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,7 @@ class TrainedZoo:
     name = "trained"
 
     def __call__(self, store: Store, out_dir: Path, *, dataset: str, quick: bool) -> dict:
-        scale = reproduce.SCALES["demo"]
-        if quick:
-            scale = replace(
-                scale,
-                seeds=(0,),
-                epochs=1,
-                random_epochs=1,
-                n_train=800,
-                n_test=200,
-                linear_steps=60,
-                linear_train=200,
-            )
+        scale = reproduce.SCALES["tiny" if quick else "demo"]
         specs = reproduce.plan(scale, device="cpu")
         count = sum(len(v) if isinstance(v, list) else 1 for v in specs.values())
         click.echo(

@@ -83,15 +83,13 @@ def execute(
         for kind, rows in analysis.trajectories(layer, result.snapshots, basis).items():
             profiles.setdefault(kind, {})[basis.id] = rows
     primary = bases[0]
+    on_primary = {kind: by_basis[primary.id] for kind, by_basis in profiles.items()}
+    fits = analysis.snapshot_fits(on_primary["energy"], primary)
     summary = _metrics_summary(result, lr)
-    summary.update(
-        analysis.summarise_profiles(
-            {kind: by_basis[primary.id] for kind, by_basis in profiles.items()}, primary
-        )
-    )
+    summary.update(analysis.summarise_profiles(on_primary, primary, fits))
     if spec.exact_theory_applies:
         predicted, linear_summary = analysis.linear_predictions(
-            layer, result.snapshots, result.steps, data.x_train, data.y_train, lr, primary
+            layer, result.snapshots, result.steps, data.x_train, data.y_train, lr, primary, fits
         )
         for kind, rows in predicted.items():
             profiles.setdefault(kind, {})[primary.id] = rows
