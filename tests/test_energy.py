@@ -21,6 +21,7 @@ from zooscan.energy import (
     LAMBDA_ZERO_TOL,
     FormulaFit,
     analyse,
+    colour_share,
     correlation_matrix,
     energy_profile,
     fit_formula,
@@ -611,3 +612,21 @@ def test_analyse_refuses_projections_that_overflow():
     )  # every column sums all 27 entries: 27 * 1e308 overflows
     with pytest.raises(ModelError, match="overflow"):
         analyse(np.full((2, 3, 3, 3), 1e308), basis)
+
+
+def test_colour_share_separates_luminance_from_colour_filters():
+    """Filters equal across R, G, B carry no colour energy, colour-opponent filters
+    (summing to zero over the channels at every pixel) carry nothing else, and random
+    filters split 1/3 : 2/3 like the directions they span."""
+    rng = np.random.default_rng(0)
+    spatial = rng.standard_normal((16, 1, 3, 3))
+    luminance = np.repeat(spatial, 3, axis=1)
+    opponent = spatial * np.array([1.0, -2.0, 1.0])[None, :, None, None]
+    assert colour_share(luminance) == pytest.approx(0, abs=1e-12)
+    assert colour_share(opponent) == pytest.approx(1)
+    both = colour_share(luminance + opponent)
+    expected = (opponent**2).sum() / ((luminance**2).sum() + (opponent**2).sum())
+    assert both == pytest.approx(expected)  # the two parts are orthogonal
+    assert colour_share(rng.standard_normal((4096, 3, 3, 3))) == pytest.approx(2 / 3, abs=0.01)
+    assert colour_share(np.zeros((4, 3, 3, 3))) is None
+    assert colour_share(spatial) is None  # grayscale: no colour to share

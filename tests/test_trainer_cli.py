@@ -151,10 +151,20 @@ def test_reproduce_prints_the_papers_tables_on_photos_and_reuses_its_runs(tmp_pa
     extras = {row["what"]: row["value"] for row in report["extras"]}
     assert extras["linear CNN vs exact GD dynamics, min r over snapshots"] >= 0.999
     assert 0.0 < extras["VGG-11-BN true labels: test acc"] <= 1.0
+    assert 0.0 < extras["VGG-11-BN random labels: colour share of what the first layer learned"] < 1.0
 
     with Store(store) as opened:
         runs = {r: opened.load_run(r) for r in opened.runs()}
     assert len(runs) == 7
+    documented = {"train_acc", "test_acc", "train_loss", "test_loss", "lr", "seconds", "device",
+                  "images_per_second", "basis", "init_subtracted", "fit_r", "fit_s",
+                  "fit_r_lambda", "fit_r_inv_lambda", "whitening_index", "snapshot_fit_r",
+                  "init_fit_r", "r_trained_vs_init", "colour_share"}  # docs/store.md
+    linear = {"exact_r", "exact_r_min", "exact_relative_error", "closed_form_r",
+              "closed_form_s", "closed_form_r_lambda", "implied_s", "moments_s"}
+    for run in runs.values():
+        expected = documented | (linear if run.config["arch"] == "linear" else set())
+        assert set(run.summary) == expected, run.run_id
     assert {r.config["train_images"].split(":")[0] for r in runs.values()} == {"folder"}
 
     table = invoke(*args)

@@ -602,6 +602,27 @@ def whitening_index(profile: Any, lambdas: Any) -> float:
     return float(-(x_centered @ (y - y.mean())) / spread)
 
 
+def colour_share(weight: Any) -> float | None:
+    """The share of a filter bank's energy that is colour contrast.
+
+    ``weight`` is ``(K, 3, kh, kw)`` in RGB pixel space (:func:`to_pixel_space`; pass
+    ``W - W0`` for what training changed). Returns ``|W - L(W)|^2 / |W|^2``, where
+    ``L`` replaces, at every pixel, each channel's weight by the mean over the three
+    channels (the luminance direction): 0 for filters that see only luminance, 1 for
+    colour-opponent filters, about 2/3 for random ones. It tells apart first layers
+    that learned a task's colour statistics from ones that learned its spatial
+    statistics. ``None`` unless ``C = 3``, or for all-zero weights.
+    """
+    w = _finite_float64(weight, "filter weights")
+    if w.ndim != 4 or w.shape[1] != 3:
+        return None
+    total = float(np.sum(w**2))
+    if total == 0.0:
+        return None
+    chromatic = w - w.mean(axis=1, keepdims=True)
+    return float(np.sum(chromatic**2)) / total
+
+
 def _formula_rows(lam: np.ndarray, s: np.ndarray, rate: float | None) -> np.ndarray:
     """Unnormalised formula profiles, one row per ``s`` (``0`` and ``inf`` are the limits).
 

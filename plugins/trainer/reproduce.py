@@ -231,7 +231,8 @@ def table(exp: Experiments) -> list[dict[str, Any]]:
 
 
 def extras(exp: Experiments) -> list[dict[str, Any]]:
-    """Rows beyond the paper's tables: the linear CNN's predictions and accuracies."""
+    """Rows beyond the paper's tables: the linear CNN's predictions, and every role's
+    accuracies and colour share (:func:`zooscan.energy.colour_share` of ``W - W0``)."""
     lin = exp.linear.summary
     closed = [r for r in lin.get("closed_form_r", []) if r is not None]
     rows = [
@@ -254,11 +255,15 @@ def extras(exp: Experiments) -> list[dict[str, Any]]:
         ("VGG-11-BN wide", [exp.wide]),
         ("ResNet-18", [exp.resnet]),
     ):
-        for key in ("train_acc", "test_acc"):
+        for key, label in (
+            ("train_acc", "train acc"),
+            ("test_acc", "test acc"),
+            ("colour_share", "colour share of what the first layer learned"),
+        ):
             values = [r.summary.get(key) for r in runs if r.summary.get(key) is not None]
             rows.append(
                 {
-                    "what": f"{role}: {key.replace('_', ' ')}",
+                    "what": f"{role}: {label}",
                     "value": float(np.mean(values)) if values else None,
                 }
             )

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from zooscan import plugins
-from zooscan.energy import analyse
+from zooscan.energy import analyse, colour_share
 from zooscan.records import Analysis, FirstLayer, ModelRecord, PatchBasis, Provenance, RunRecord
 from zooscan.scan import BasisCache, utc_now
 from zooscan.store import Store
@@ -87,6 +87,8 @@ def execute(
     fits = analysis.snapshot_fits(on_primary["energy"], primary)
     summary = _metrics_summary(result, lr)
     summary.update(analysis.summarise_profiles(on_primary, primary, fits))
+    init, final = analysis.pixel_weights(layer, result.snapshots[[0, -1]])
+    summary["colour_share"] = colour_share(final - init)
     if spec.exact_theory_applies:
         predicted, linear_summary = analysis.linear_predictions(
             layer, result.snapshots, result.steps, data.x_train, data.y_train, lr, primary, fits
