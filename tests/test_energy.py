@@ -7,6 +7,7 @@ all valid patches), so the tests do not depend on the patches module.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -603,6 +604,8 @@ def test_energy_profile_of_huge_finite_weights_does_not_overflow():
 
 
 def test_analyse_refuses_projections_that_overflow():
+    """One ModelError, from analyse and energy_profile alike, and no RuntimeWarning
+    printed before it."""
     d = 27
     basis = PatchBasis(
         dataset="t", channels=3, kh=3, kw=3, centered=True,
@@ -610,8 +613,13 @@ def test_analyse_refuses_projections_that_overflow():
         eigenvalues=np.ones(d), mean=np.zeros(d), second_moment=np.eye(d),
         n_patches=1, n_images=1,
     )  # every column sums all 27 entries: 27 * 1e308 overflows
-    with pytest.raises(ModelError, match="overflow"):
-        analyse(np.full((2, 3, 3, 3), 1e308), basis)
+    huge = np.full((2, 3, 3, 3), 1e308)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModelError, match="overflow"):
+            analyse(huge, basis)
+        with pytest.raises(ModelError, match="overflow"):
+            energy_profile(huge, basis)
 
 
 def test_colour_share_separates_luminance_from_colour_filters():

@@ -888,7 +888,11 @@ def _torch_load(p: Path, archive: _TorchZip | None) -> Any:
     stored, read whole otherwise (legacy files, compressed storages)."""
     mmap = archive is not None and archive.mmap
     try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # pickle protocols above 2 are common (``pickle.dump``) and harmless here: the
+            # weights-only unpickler refuses any opcode it cannot handle, reported below
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = (archive.refusal if archive else None) or _weights_only_reason(exc)
         raise refused_unpickle(str(p), reason) from exc

@@ -196,7 +196,8 @@ def energy_profile(
     ``normalize_filters`` scales each (init-subtracted) filter to unit norm first, so
     that filters whose norm is arbitrary (a BatchNorm follows the conv) weigh equally;
     all-zero filters stay zero. A layer whose filters are all zero has an all-zero
-    profile (there is no maximum to divide by).
+    profile (there is no maximum to divide by). Raises :class:`ModelError` when the
+    projections overflow float64.
     """
     return _energy(_analysed_projections(weight, basis, init, normalize_filters))
 
@@ -216,11 +217,6 @@ def analyse(
     Raises :class:`ModelError` when they are not finite (nothing non-finite is stored).
     """
     projections = _analysed_projections(layer_weight_pixel, basis, init, normalize_filters)
-    if not np.all(np.isfinite(projections)):
-        raise ModelError(
-            "the filters' projections on the patch basis overflow float64 "
-            "(weights too large, or std too small, in pixel space)"
-        )
     return Analysis(basis_id=basis.id, projections=projections, energy=_energy(projections))
 
 
@@ -239,7 +235,14 @@ def _analysed_projections(
     if normalize_filters:
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         matrix = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
-    return matrix @ _components(basis)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, not warned about
+        projections = matrix @ _components(basis)
+    if not np.all(np.isfinite(projections)):
+        raise ModelError(
+            "the filters' projections on the patch basis overflow float64 "
+            "(weights too large, or std too small, in pixel space)"
+        )
+    return projections
 
 
 def _energy(projections: np.ndarray) -> np.ndarray:
