@@ -174,3 +174,17 @@ def test_reproduce_prints_the_papers_tables_on_photos_and_reuses_its_runs(tmp_pa
     with Store(store) as opened:
         again = {r: opened.load_run(r).created_at for r in opened.runs()}
     assert again == {r: run.created_at for r, run in runs.items()}
+
+
+def test_reproduce_full_scale_on_a_cpu_warns_then_fails_in_one_line(tmp_path):
+    """The full scale is for a GPU: on a CPU it says so before starting, and a dataset
+    it cannot open is one line and exit 1, with nothing trained."""
+    store = tmp_path / "zoo.h5"
+    result = invoke("reproduce", "--scale", "full", "--device", "cpu", "--dataset",
+                    f"folder:{tmp_path / 'missing'}", "--store", str(store))
+    assert result.exit_code == 1
+    assert "days on a CPU; it is meant for a GPU" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "missing" in errors[0]
+    with Store(store) as opened:
+        assert opened.runs() == []

@@ -244,8 +244,15 @@ def reproduce_cmd(scale, dataset, device, plot, store_path, fmt) -> None:
     Runs are kept in the store: a second call only recomputes the tables.
     """
     from zooscan_builtins.trainer import reproduce
+    from zooscan_builtins.trainer.loop import resolve_device
 
     chosen = reproduce.SCALES[scale]
+    if scale == "full" and resolve_device(device).type == "cpu":
+        click.echo(
+            "warning: the full scale trains VGG-11s and a ResNet-18 on 50 000 images for "
+            "about 450 epochs in all: days on a CPU; it is meant for a GPU",
+            err=True,
+        )
     specs = reproduce.plan(chosen, dataset=dataset, device=device)
     count = sum(len(v) if isinstance(v, list) else 1 for v in specs.values())
     if fmt == "table":
