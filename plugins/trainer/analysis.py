@@ -100,9 +100,9 @@ def linear_predictions(
     average-patch moments (:mod:`zooscan.theory`), with the per-snapshot agreement
     (``exact_r``, relative weight error, spread between filters). ``closed_form``: the
     paper's Eq. 3 from the patch eigenvalues alone, its one parameter ``s`` fitted per
-    snapshot (``fits``: :func:`snapshot_fits` of the learned profiles), next to the ``s`` that ``eta t`` implies under the paper's assumptions
-    (``implied_s``) and the one the moments give (``moments_s``). Returns
-    ``(profiles, summary)``.
+    snapshot (``fits``: :func:`snapshot_fits` of the learned profiles), next to the
+    ``s`` that ``eta t`` implies under the paper's assumptions (``implied_s``) and the
+    one the moments give (``moments_s``). Returns ``(profiles, summary)``.
     """
     kh, kw = layer.weight.shape[2:]
     padding = (0, 0) if isinstance(layer.padding, str) else tuple(layer.padding)

@@ -70,7 +70,7 @@ _SMALL = Scale(
     batch_size=128,
     linear_steps=400,
     linear_train=1000,
-    description="offline, 2 CPU cores, a few minutes: VGG-11-BN/ResNet-18 at 1/4 width",
+    description="offline, about 6 minutes on 2 CPU cores: VGG-11-BN/ResNet-18 at 1/4 width",
 )
 _DEMO = replace(
     _SMALL,
