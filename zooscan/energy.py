@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from zooscan.errors import ModelError, UserError
+from zooscan.errors import ModelError, UserError, ZooscanError
 from zooscan.records import Analysis, FirstLayer, PatchBasis
 
 __all__ = [
@@ -98,7 +98,7 @@ def to_pixel_space(layer: FirstLayer, *, space: str = "pixel") -> np.ndarray:
     """
     if space not in ("pixel", "model"):
         raise UserError(f"unknown input space {space!r}; choose 'pixel' or 'model'")
-    weight = _finite_float64(layer.weight, f"first-layer weight of {layer.module!r}")
+    weight = finite_float64(layer.weight, f"first-layer weight of {layer.module!r}")
     if weight.ndim != 4:
         raise ModelError(
             f"first-layer weight of {layer.module!r} has shape {weight.shape}; "
@@ -266,7 +266,7 @@ def _components(basis: PatchBasis | np.ndarray) -> np.ndarray:
 
 def _filter_matrix(weight: Any, basis: PatchBasis | np.ndarray) -> np.ndarray:
     """``weight`` as float64 ``(out, d)``, checked against the basis."""
-    array = _finite_float64(weight, "filter weight")
+    array = finite_float64(weight, "filter weight")
     dim = _components(basis).shape[0]
     if array.ndim == 4:
         if isinstance(basis, PatchBasis) and tuple(array.shape[1:]) != basis.shape_key:
@@ -284,12 +284,14 @@ def _filter_matrix(weight: Any, basis: PatchBasis | np.ndarray) -> np.ndarray:
     return array
 
 
-def _finite_float64(value: Any, what: str) -> np.ndarray:
+def finite_float64(value: Any, what: str, *, error: type[ZooscanError] = ModelError) -> np.ndarray:
+    """``value`` (array-like or torch tensor) as a float64 array; ``error`` naming
+    ``what`` when it holds NaN or infinite values."""
     if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
         value = value.detach().cpu().numpy()
     array = np.array(value, dtype=np.float64)
     if not np.all(np.isfinite(array)):
-        raise ModelError(f"{what} contains NaN or infinite values")
+        raise error(f"{what} contains NaN or infinite values")
     return array
 
 
@@ -616,7 +618,7 @@ def colour_share(weight: Any) -> float | None:
     that learned a task's colour statistics from ones that learned its spatial
     statistics. ``None`` unless ``C = 3``, or for all-zero weights.
     """
-    w = _finite_float64(weight, "filter weights")
+    w = finite_float64(weight, "filter weights")
     if w.ndim != 4 or w.shape[1] != 3:
         return None
     total = float(np.sum(w**2))

@@ -101,7 +101,7 @@ def extract_patches(images: np.ndarray | torch.Tensor, kh: int, kw: int) -> np.n
     order, each patch flattened in ``(c, kh, kw)`` order. It materialises the patch
     matrix, so it is meant for tests and small inputs; bases use :class:`PatchStats`.
     """
-    x = _as_image_tensor(images).to(torch.float64)
+    x = image_tensor(images).cpu().to(torch.float64)
     _check_kernel(x.shape[1], kh, kw)
     if x.shape[2] < kh or x.shape[3] < kw:
         return np.zeros((0, x.shape[1] * kh * kw))
@@ -157,7 +157,7 @@ class PatchStats:
         smaller than the kernel add nothing. Raises :class:`ValueError` for a wrong
         shape, a channel mismatch or non-finite pixels, leaving the stats unchanged.
         """
-        x = _as_image_tensor(images)
+        x = image_tensor(images).cpu()
         if x.shape[1] != self.channels:
             raise ValueError(f"images have {x.shape[1]} channels, these stats need {self.channels}")
         n_img, _, height, width = x.shape
@@ -291,17 +291,21 @@ def _check_kernel(channels: int, kh: int, kw: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _as_image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def image_tensor(
+    images: np.ndarray | torch.Tensor, *, error: type[Exception] = ValueError
+) -> torch.Tensor:
+    """``images`` as a detached tensor on its own device (an array shares its memory
+    unless read-only); ``error`` unless it is a real-valued ``(n, C, H, W)`` batch."""
     if isinstance(images, torch.Tensor):
-        x = images
+        x = images.detach()
     else:
         array = np.asarray(images)
         x = torch.from_numpy(array if array.flags.writeable else array.copy())
     if x.ndim != 4:
-        raise ValueError(f"images must be (n, C, H, W), got shape {tuple(x.shape)}")
+        raise error(f"images must be (n, C, H, W), got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"images must be real numbers, got {x.dtype}")
-    return x.detach().cpu()
+        raise error(f"images must be real numbers, got {x.dtype}")
+    return x
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

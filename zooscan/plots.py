@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
-from zooscan.energy import FormulaFit
+from zooscan.energy import FormulaFit, finite_float64
 from zooscan.errors import UserError
 from zooscan.records import PatchBasis
 
@@ -211,7 +211,7 @@ def _draw_profiles(
 
 def _filter_mosaic(weight_pixel: Any, max_filters: int) -> tuple[np.ndarray, str]:
     """The first ``max_filters`` filters as one RGB mosaic, and a caption for it."""
-    weight = _as_array(weight_pixel, "filter weight")
+    weight = finite_float64(weight_pixel, "the filter weight", error=UserError)
     if weight.ndim != 4 or weight.shape[0] == 0:
         raise UserError(f"filters must be (out, C, kh, kw), got shape {weight.shape}")
     if max_filters < 1:
@@ -250,17 +250,8 @@ def _colormap(name: str) -> Colormap:
     return colormaps[name]
 
 
-def _as_array(values: Any, what: str) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise UserError(f"the {what} contains NaN or infinite values")
-    return array
-
-
 def _as_vector(values: Any, what: str) -> np.ndarray:
-    array = _as_array(values, what)
+    array = finite_float64(values, f"the {what}", error=UserError)
     if array.ndim != 1 or array.size == 0:
         raise UserError(f"the {what} must be a non-empty 1-D vector, got shape {array.shape}")
     return array

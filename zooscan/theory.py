@@ -59,9 +59,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zooscan.energy import energy_profile, pearson, to_pixel_space
+from zooscan.energy import energy_profile, finite_float64, pearson, to_pixel_space
 from zooscan.errors import UserError
-from zooscan.patches import eigh_sorted
+from zooscan.patches import eigh_sorted, image_tensor
 from zooscan.records import FirstLayer, PatchBasis
 
 __all__ = [
@@ -272,7 +272,7 @@ def gd_trajectory(
     still computed (it grows like ``|1 - x_max|^t`` and may overflow to ``inf``/``nan``,
     as the trained weights would) and a :class:`DivergenceWarning` is issued.
     """
-    init = _weight_array(init_weight, "init_weight")
+    init = finite_float64(init_weight, "init_weight", error=UserError)
     if init.ndim != 4 or tuple(init.shape[1:]) != moments.shape:
         c, kh, kw = moments.shape
         raise UserError(
@@ -316,7 +316,7 @@ def predicted_snapshots(
     init_weight: np.ndarray | torch.Tensor, trajectory: np.ndarray
 ) -> np.ndarray:
     """The predicted weights ``w_k(t) = w_k(0) + delta(t)``: float64 ``(S, K, C, kh, kw)``."""
-    init = _weight_array(init_weight, "init_weight")
+    init = finite_float64(init_weight, "init_weight", error=UserError)
     delta = np.asarray(trajectory, dtype=np.float64)
     if delta.ndim != 4 or delta.shape[1:] != init.shape[1:]:
         raise UserError(f"trajectory {delta.shape} does not fit init_weight {init.shape}")
@@ -327,7 +327,7 @@ def predicted_loss(
     moments: LinearMoments, init_weight: np.ndarray | torch.Tensor, trajectory: np.ndarray
 ) -> np.ndarray:
     """The training loss at each snapshot of ``trajectory`` (from :func:`gd_trajectory`)."""
-    init = _weight_array(init_weight, "init_weight")
+    init = finite_float64(init_weight, "init_weight", error=UserError)
     totals = init.sum(axis=0)[None] + init.shape[0] * np.asarray(trajectory, dtype=np.float64)
     return np.array([moments.loss(total) for total in totals])
 
@@ -433,7 +433,7 @@ def update_profiles(
     they are (use an input-space basis). An all-zero update (``t = 0``) has an all-zero
     profile.
     """
-    array = _weight_array(updates, "updates")
+    array = finite_float64(updates, "updates", error=UserError)
     if array.ndim == 4:
         array = array[:, None]
     if array.ndim != 5:
@@ -492,8 +492,8 @@ def trajectory_agreement(
     :func:`update_profiles` (with ``layer``: the pixel-space mapping of the run's layer,
     for a pixel-space ``basis``).
     """
-    trained = _weight_array(trained_updates, "trained_updates")
-    predicted = _weight_array(predicted_updates, "predicted_updates")
+    trained = finite_float64(trained_updates, "trained_updates", error=UserError)
+    predicted = finite_float64(predicted_updates, "predicted_updates", error=UserError)
     if trained.ndim != 5:
         raise UserError(f"trained_updates must be (S, K, C, kh, kw), got {trained.shape}")
     if predicted.ndim == 4:
@@ -541,31 +541,13 @@ def _json_list(values: np.ndarray) -> list[float | None]:
 
 
 def _image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(images, torch.Tensor):
-        x = images.detach()
-    else:
-        array = np.asarray(images)
-        x = torch.from_numpy(array if array.flags.writeable else array.copy())
-    if x.ndim != 4:
-        raise UserError(f"images must be (n, C, H, W), got shape {tuple(x.shape)}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise UserError(f"images must be real numbers, got {x.dtype}")
-    return x
+    return image_tensor(images, error=UserError)
 
 
 def _target_tensor(targets: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(targets, torch.Tensor):
         return targets.detach().to("cpu", torch.float64).reshape(-1)
     return torch.from_numpy(np.array(targets, dtype=np.float64).reshape(-1))
-
-
-def _weight_array(value: Any, what: str) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise UserError(f"{what} contains NaN or infinite values")
-    return array
 
 
 def _padding(padding: int | tuple[int, int]) -> tuple[int, int]:
